@@ -8,10 +8,10 @@ Blocks are found structurally, never by a hard-coded path (``transformers`` 5.x 
 to ``vit.layers``):
 
 * a ``nn.ModuleList`` / ``nn.Sequential`` whose children (at least two) all share one class and each hold at
-  least two parameterised sub-modules is a list of blocks (ViT layers, ConvNeXt / ResNet / Swin stages,
+  least two parameterised modules is a list of blocks (ViT layers, ConvNeXt / ResNet / Swin stages,
   EfficientNet stages, timm ``blocks``);
-* sibling attributes of one class that are themselves such homogeneous containers are blocks too (timm
-  ResNet ``layer1..layer4``, timm RegNet ``s1..s4``);
+* sibling attributes of one class, each holding at least two parameterised modules (and, if they are
+  containers, homogeneous ones), are blocks too (timm ResNet ``layer1..layer4``, timm RegNet ``s1..s4``);
 * the search stops at the first (outermost) level found on each path of the module tree, so a hierarchical
   CNN contributes its stages and a plain transformer its layers.
 """
@@ -48,40 +48,45 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _n_param_children(module: nn.Module) -> int:
-    """Number of direct children that hold parameters (anywhere below them)."""
-    return sum(1 for child in module.children() if next(child.parameters(), None) is not None)
-
-
 def _is_composite(module: nn.Module) -> bool:
-    """A block is a module with at least two parameterised children (attention + MLP, conv + norm, ...)."""
-    return _n_param_children(module) >= 2
+    """A block holds at least two parameterised modules (attention + MLP, conv + norm, ...)."""
+    count = 0
+    for m in module.modules():
+        if next(m.parameters(recurse=False), None) is not None:
+            count += 1
+            if count >= 2:
+                return True
+    return False
 
 
-def _homogeneous_children(module: nn.Module) -> list[nn.Module] | None:
-    """Children of a ModuleList / Sequential when there are >= 2, all of one class, all composite."""
-    if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-        return None
+def _is_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ModuleList, nn.Sequential))
+
+
+def _homogeneous_children(module: nn.Module) -> bool:
+    """A ModuleList / Sequential of >= 2 children, all of one class, all composite."""
     children = list(module.children())
-    if len(children) < 2 or len({type(c) for c in children}) != 1:
-        return None
-    if not all(_is_composite(c) for c in children):
-        return None
-    return children
+    return (
+        _is_container(module)
+        and len(children) >= 2
+        and len({type(c) for c in children}) == 1
+        and all(_is_composite(c) for c in children)
+    )
 
 
 def _block_groups(module: nn.Module) -> list[list[str]]:
     """Groups of child names of ``module`` that are blocks (see the module docstring)."""
-    groups = []
-    if _homogeneous_children(module) is not None:
-        groups.append([name for name, _ in module.named_children()])
-        return groups
+    if _homogeneous_children(module):
+        return [[name for name, _ in module.named_children()]]
     by_class: dict[type, list[str]] = {}
     for name, child in module.named_children():
         by_class.setdefault(type(child), []).append(name)
+    groups = []
     for names in by_class.values():
         members = [getattr(module, n) for n in names]
-        if len(names) >= 2 and all(_homogeneous_children(m) is not None for m in members):
+        if len(names) >= 2 and all(
+            _is_composite(m) and (_homogeneous_children(m) or not _is_container(m)) for m in members
+        ):
             groups.append(names)
     return groups
 

@@ -1,0 +1,124 @@
+"""``VCRegConfig``: ``TrainingArguments`` plus every VCReg knob as a ``vcreg_*`` field.
+
+Parses with ``HfArgumentParser`` from the command line (``--vcreg_alpha 0.1``) and from JSON, like trl's
+``SFTConfig``. Invalid values raise ``ValueError`` naming the field and the fix when the config is built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+__all__ = ["VCRegConfig", "VCREG_DEFAULTS"]
+
+# Defaults chosen by the alpha/beta sweep in benchmarks (see benchmarks/RESULTS.md, "Ablations and sweep").
+VCREG_DEFAULTS = {"vcreg_alpha": 0.1, "vcreg_beta": 0.1}
+
+
+@dataclass
+class VCRegConfig(TrainingArguments):
+    r"""Training arguments for :class:`~hf_vcreg.VCRegTrainer`.
+
+    Per regularised layer :math:`l` with sample matrix :math:`Z_l` (every token / spatial position a row), the
+    loss is ``task_loss + reduce_l(alpha * V(Z_l) + beta * K(Z_l))`` with the variance and covariance terms
+    of :mod:`hf_vcreg.penalty` and ``reduce`` the mean (default) or the sum over layers. Statistics are per
+    micro-batch (per device unless ``vcreg_distributed_stats``); with gradient accumulation the update is the
+    mean of the per-micro-batch gradients.
+    """
+
+    vcreg_alpha: float = field(
+        default=VCREG_DEFAULTS["vcreg_alpha"],
+        metadata={"help": "Coefficient of the variance term V = mean_j relu(gamma - sqrt(Var(z_j) + eps)). >= 0."},
+    )
+    vcreg_beta: float = field(
+        default=VCREG_DEFAULTS["vcreg_beta"],
+        metadata={"help": "Coefficient of the covariance term K = sum_{i!=j} h(C_ij) / (d (d - 1)). >= 0."},
+    )
+    vcreg_gamma: float = field(
+        default=1.0, metadata={"help": "Target standard deviation of every feature in the variance hinge. > 0."}
+    )
+    vcreg_eps: float = field(
+        default=1e-4, metadata={"help": "Added to each variance under the square root (numerical floor). > 0."}
+    )
+    vcreg_delta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Huber threshold of the covariance term (the paper's robust 'smooth L1' form): h(c) = c^2 for "
+            "|c| <= delta, 2 delta |c| - delta^2 beyond. Unset: plain c^2. > 0."
+        },
+    )
+    vcreg_layers: str = field(
+        default="blocks",
+        metadata={
+            "help": "Which module outputs to regularise: 'blocks' (every block, found structurally), 'last' (the "
+            "final block only), or comma-separated regular expressions matched in full against module names."
+        },
+    )
+    vcreg_layer_reduction: Literal["mean", "sum"] = field(
+        default="mean", metadata={"help": "How the per-layer penalties are combined: 'mean' or 'sum' over layers."}
+    )
+    vcreg_implementation: Literal["gradient", "loss"] = field(
+        default="gradient",
+        metadata={
+            "help": "'gradient': identity-forward autograd function whose backward adds the analytic gradient (fast, "
+            "the paper's form). 'loss': explicit penalty differentiated by autograd. Both give the same gradient."
+        },
+    )
+    vcreg_max_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on the rows (samples = tokens x images) per layer used for the statistics: a random subset, "
+            "seeded by (seed, step, layer) so that resumed runs draw the same rows. Unset: all rows. >= 2."
+        },
+    )
+    vcreg_distributed_stats: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the statistics over the global batch of all processes (all-reduce of the count, sum and "
+            "centred Z^T Z: O(d^2) traffic per layer). Off: per-device statistics. Needs a process group."
+        },
+    )
+    vcreg_log_per_layer: bool = field(
+        default=False, metadata={"help": "Also log the variance and covariance terms of every layer."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_vcreg()
+
+    def _validate_vcreg(self) -> None:
+        def bad(name: str, fix: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
+
+        for name in ("vcreg_alpha", "vcreg_beta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise bad(name, "use a finite number >= 0 (0 turns the term off).")
+        for name in ("vcreg_gamma", "vcreg_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise bad(name, "use a finite number > 0.")
+        if self.vcreg_delta is not None and (not math.isfinite(self.vcreg_delta) or self.vcreg_delta <= 0):
+            raise bad("vcreg_delta", "use a number > 0, or leave it unset for the plain squared covariance.")
+        if self.vcreg_layer_reduction not in ("mean", "sum"):
+            raise bad("vcreg_layer_reduction", "use 'mean' or 'sum'.")
+        if self.vcreg_implementation not in ("gradient", "loss"):
+            raise bad("vcreg_implementation", "use 'gradient' (fast, analytic backward) or 'loss' (autograd).")
+        if self.vcreg_max_rows is not None and (
+            isinstance(self.vcreg_max_rows, bool) or not isinstance(self.vcreg_max_rows, int) or self.vcreg_max_rows < 2
+        ):
+            raise bad("vcreg_max_rows", "use an integer >= 2 (a covariance needs 2 rows), or leave it unset.")
+        if not isinstance(self.vcreg_layers, str) or not self.vcreg_layers.strip():
+            raise bad("vcreg_layers", "use 'blocks', 'last' or comma-separated module-name regular expressions.")
+
+    @property
+    def vcreg_enabled(self) -> bool:
+        """False when both coefficients are 0: the trainer then installs no hooks at all."""
+        return self.vcreg_alpha > 0 or self.vcreg_beta > 0
+
+    def vcreg_dict(self) -> dict:
+        """The ``vcreg_*`` fields as a plain dict (for model cards and logs)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k.startswith("vcreg_")}
