@@ -151,11 +151,11 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] = "blocks") -> l
         try:
             regex = re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"vcreg_layers pattern {pattern!r} is not a valid regular expression: {err}") from err
+            raise ValueError(f"vcreg_layers pattern '{pattern}' is not a valid regular expression: {err}") from err
         matched = [n for n in names if regex.fullmatch(n)]
         if not matched:
             raise ValueError(
-                f"vcreg_layers pattern {pattern!r} matches no module of {type(model).__name__}. Patterns are "
+                f"vcreg_layers pattern '{pattern}' matches no module of {type(model).__name__}. Patterns are "
                 f"matched in full against module names. Detected blocks: {find_blocks(model)}; other candidates: "
                 f"{_candidate_names(model)}"
             )

@@ -230,7 +230,7 @@ class VCRegFunction(torch.autograd.Function):
         penalty = torch.where(valid, spec.weight * (spec.alpha * v + spec.beta * k), 0.0)
         scale = spec.weight * spec.grad_multiplier * 2 / (n - 1).clamp(min=1)
         ctx.g = torch.where(valid, g * scale, 0.0)
-        ctx.mu, ctx.axis, ctx.rows = mu, axis, rows
+        ctx.mu, ctx.axis, ctx.rows, ctx.valid = mu, axis, rows, valid
         ctx.save_for_backward(x)
         ctx.mark_non_differentiable(v, k, valid)
         return x.view_as(x), penalty, v.detach(), k.detach(), valid
@@ -254,7 +254,8 @@ class VCRegFunction(torch.autograd.Function):
             zc = torch.empty(samples.shape, dtype=ctx.g.dtype, device=x.device)
             torch.sub(samples, ctx.mu, out=zc)
             zc = zc.view(-1, d)
-        extra = (zc @ (ctx.g * grad_penalty)).to(x.dtype)
+        # G is 0 for an invalid layer, but a non-finite Zc would still turn 0 into NaN: mask the product.
+        extra = torch.where(ctx.valid, zc @ (ctx.g * grad_penalty), 0.0).to(x.dtype)
         if grad_x is None:
             grad_x = torch.zeros_like(x)
         if ctx.rows is not None:

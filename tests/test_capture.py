@@ -1,0 +1,132 @@
+"""Capture: the block table for every supported architecture, sample-matrix shapes, selection and errors."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from _tiny_models import build, example_input
+from hf_vcreg import BlockCapture, feature_axis, find_blocks, select_layers
+from hf_vcreg.capture import sample_rows
+
+# name -> (blocks, [(n rows, d features) per block for a batch of 2])
+CAPTURE_TABLE = {
+    "hf_vit": (["vit.layers.0", "vit.layers.1"], [(34, 32), (34, 32)]),
+    "hf_deit": (["deit.layers.0", "deit.layers.1"], [(36, 32), (36, 32)]),
+    "hf_beit": (["beit.layers.0", "beit.layers.1"], [(34, 32), (34, 32)]),
+    "hf_dinov2": (["dinov2.encoder.layer.0", "dinov2.encoder.layer.1"], [(34, 32), (34, 32)]),
+    "hf_swin": (["swin.encoder.layers.0", "swin.encoder.layers.1"], [(128, 32), (128, 32)]),
+    "hf_convnext": (["convnext.encoder.stages.0", "convnext.encoder.stages.1"], [(128, 8), (32, 16)]),
+    "hf_resnet": (["resnet.encoder.stages.0", "resnet.encoder.stages.1"], [(128, 8), (32, 16)]),
+    "hf_regnet": (["regnet.encoder.stages.0", "regnet.encoder.stages.1"], [(128, 8), (32, 16)]),
+    "hf_videomae": (["videomae.encoder.layer.0", "videomae.encoder.layer.1"], [(64, 32), (64, 32)]),
+    "timm_vit": (["blocks.0", "blocks.1"], [(34, 32), (34, 32)]),
+    "timm_resnet": (["layer1", "layer2", "layer3", "layer4"], [(128, 64), (32, 128), (8, 256), (2, 512)]),
+    "timm_convnext": (["stages.0", "stages.1", "stages.2", "stages.3"], [(128, 40), (32, 80), (8, 160), (2, 320)]),
+    "timm_efficientnet": (
+        [f"blocks.{i}" for i in range(7)],
+        [(512, 16), (128, 24), (32, 40), (8, 80), (8, 112), (2, 192), (2, 320)],
+    ),
+    "timm_regnet": (["s1", "s2", "s3", "s4"], [(128, 24), (32, 56), (8, 152), (2, 368)]),
+    "timm_wrapper": (
+        ["timm_model.layer1", "timm_model.layer2", "timm_model.layer3", "timm_model.layer4"],
+        [(128, 64), (32, 128), (8, 256), (2, 512)],
+    ),
+}
+
+
+def _forward(name, model, x):
+    if name.startswith("hf_") or name == "timm_wrapper":
+        return model(pixel_values=x)
+    return model(x)
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURE_TABLE))
+def test_capture_table(name):
+    blocks, shapes = CAPTURE_TABLE[name]
+    model = build(name).eval()
+    assert find_blocks(model) == blocks
+    seen = {}
+
+    def record(layer, x):
+        z = x.movedim(layer.axis, -1)
+        seen[layer.name] = (z.numel() // z.shape[-1], z.shape[-1])
+        return x
+
+    capture = BlockCapture(model, blocks, record)
+    capture.install()
+    with torch.no_grad(), capture.active():
+        _forward(name, model, example_input(name))
+    capture.remove()
+    assert [seen[b] for b in blocks] == shapes
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_timm_swin_nhwc_stages_use_the_last_axis():
+    import timm
+
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1), num_heads=(2, 4), embed_dim=16, window_size=7
+    )
+    out = {}
+    capture = BlockCapture(model, find_blocks(model), lambda layer, x: out.setdefault(layer.name, (x.shape, layer.axis)) and x)
+    capture.install()
+    with torch.no_grad(), capture.active():
+        model(torch.randn(2, 3, 56, 56))
+    assert out == {"layers.0": (torch.Size([2, 14, 14, 16]), 3), "layers.1": (torch.Size([2, 7, 7, 32]), 3)}
+
+
+def test_hooks_do_nothing_outside_active():
+    model = build("hf_vit").eval()
+    calls = []
+    capture = BlockCapture(model, find_blocks(model), lambda layer, x: calls.append(layer.name) or x)
+    capture.install()
+    model(pixel_values=example_input("hf_vit"))
+    assert calls == []
+    with capture.active():
+        model(pixel_values=example_input("hf_vit"))
+    assert calls == ["vit.layers.0", "vit.layers.1"]
+
+
+def test_select_layers_last_and_patterns():
+    model = build("hf_vit")
+    assert select_layers(model, "last") == ["vit.layers.1"]
+    assert select_layers(model, r"vit\.layers\.0, vit\.layernorm") == ["vit.layers.0", "vit.layernorm"]
+    assert select_layers(model, [r"vit\.layers\.\d+"]) == ["vit.layers.0", "vit.layers.1"]
+
+
+def test_unknown_pattern_lists_candidates():
+    pattern = r"encoder\.block\.\d+"
+    with pytest.raises(ValueError, match=re.escape(f"pattern '{pattern}' matches no module") + r".*vit\.layers\.0"):
+        select_layers(build("hf_vit"), pattern)
+
+
+def test_invalid_regex_is_reported():
+    with pytest.raises(ValueError, match=r"pattern 'layers\[' is not a valid regular expression"):
+        select_layers(build("hf_vit"), "layers[")
+
+
+def test_model_without_blocks_asks_for_patterns():
+    flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    assert find_blocks(flat) == []
+    with pytest.raises(ValueError, match="no blocks were detected in Sequential.*vcreg_layers="):
+        select_layers(flat, "blocks")
+
+
+def test_feature_axis_prefers_channels_first_for_maps_and_last_for_tokens():
+    conv = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16))
+    assert feature_axis(conv, torch.randn(2, 16, 7, 7)) == 1
+    assert feature_axis(conv, torch.randn(2, 7, 7, 16)) == 3
+    assert feature_axis(nn.Linear(4, 8), torch.randn(2, 5, 8)) == 2
+    assert feature_axis(nn.Linear(4, 8), torch.randn(2, 8)) == 1
+
+
+def test_sample_rows_is_seeded_sorted_and_capped():
+    a = sample_rows(1000, 100, seed=7, device=torch.device("cpu"))
+    b = sample_rows(1000, 100, seed=7, device=torch.device("cpu"))
+    c = sample_rows(1000, 100, seed=8, device=torch.device("cpu"))
+    assert a.shape == (100,) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, a.sort().values) and a.unique().numel() == 100
+    assert sample_rows(50, 100, seed=7, device=torch.device("cpu")) is None
+    assert sample_rows(50, None, seed=7, device=torch.device("cpu")) is None
