@@ -11,13 +11,20 @@ Step 3 of the data flow (capture -> penalty -> trainer -> publishing). The train
 * logs the task loss and the VCReg terms through ``log()`` (``eval_`` prefix in evaluation), trl-style;
 * resumes transformers 5.x checkpoints through the model's own loader (the Trainer's plain
   ``load_state_dict`` silently misses renamed keys, transformers#43701);
-* removes its hooks when training or evaluation ends, so the saved model carries no trace of hf_vcreg.
+* removes its hooks when training or evaluation ends, so the saved model carries no trace of hf_vcreg;
+* writes every checkpoint atomically: into ``_incomplete-checkpoint-N/`` first, renamed to ``checkpoint-N`` once
+  complete, so a process killed mid-save never leaves a half-written ``checkpoint-N`` (upstream writes in place,
+  and ``get_last_checkpoint`` would pick it up); ``resume_from_checkpoint=True`` takes the newest complete one
+  (:func:`last_complete_checkpoint`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
 from collections import defaultdict
 
 import torch
@@ -25,14 +32,64 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from . import publishing
 from .capture import BlockCapture, CapturedLayer, sample_rows, select_layers, unwrap_model
 from .config import VCRegConfig
 from .penalty import VCRegSpec, apply_penalty
 
-__all__ = ["VCRegTrainer"]
+__all__ = ["VCRegTrainer", "last_complete_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+TRAINER_STATE_NAME = "trainer_state.json"  # written last by Trainer._save_checkpoint
+# Checkpoints are staged here, then renamed. The leading "_" keeps Trainer.push_to_hub from uploading one.
+STAGING_PREFIX = "_incomplete-"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _trainer_state_step(checkpoint: str) -> int | None:
+    """``global_step`` of a checkpoint's ``trainer_state.json``, or ``None`` when it is missing or truncated."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            step = json.load(f).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose ``trainer_state.json`` parses and says step ``N``.
+
+    ``Trainer._save_checkpoint`` writes ``trainer_state.json`` after the weights, optimizer, scheduler and RNG
+    states, so a checkpoint passing this check was written completely. Unlike ``transformers``'
+    ``get_last_checkpoint`` it skips a half-written directory (a process killed mid-save by a trainer that writes
+    in place). ``None`` when there is no complete checkpoint.
+    """
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        match = _CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path) and _trainer_state_step(path) == int(match.group(1)):
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush every file under ``path`` and the directories themselves to disk (so a power cut keeps them too)."""
+    for root, _, files in os.walk(path):
+        for name in [*files, "."]:
+            _fsync(os.path.join(root, name))
 
 
 class ReentrantCheckpointError(RuntimeError):
@@ -82,9 +139,15 @@ class VCRegTrainer(Trainer):
         }
         self._vcreg_records: list[tuple[CapturedLayer, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._vcreg_warned: set[str] = set()
-        self._vcreg_micro = (-1, 0)  # (global_step, micro-batch index within it): seeds the row subsets
+        # (global_step, micro-batch index within it) of the current forward: seeds the row subsets. Counted per
+        # mode, so that an evaluation between steps does not shift the training draws (a resumed run, which
+        # starts without that evaluation, must draw the same rows), and restarted by every evaluation.
+        self._vcreg_micro = (-1, 0)
+        self._vcreg_last_micro = {"train": (-1, 0), "eval": (-1, 0)}
         self._vcreg_capture: BlockCapture | None = None
         self._vcreg_in_training_step = False
+        self._vcreg_staging_root: str | None = None  # set while Trainer._save_checkpoint writes a staged checkpoint
+        self._vcreg_deferred_push = False
         self.vcreg_layer_names: list[str] = []
         if args.vcreg_enabled:
             self.vcreg_layer_names = select_layers(base, args.vcreg_layers)
@@ -165,7 +228,8 @@ class VCRegTrainer(Trainer):
             self._vcreg_metrics[mode]["task_loss"].append(loss.detach())
             return (loss, outputs) if return_outputs else loss
         step = self.state.global_step
-        self._vcreg_micro = (step, self._vcreg_micro[1] + 1 if self._vcreg_micro[0] == step else 0)
+        last_step, last_micro = self._vcreg_last_micro[mode]
+        self._vcreg_micro = self._vcreg_last_micro[mode] = (step, last_micro + 1 if last_step == step else 0)
         capture.install()
         self._vcreg_records = []
         self._vcreg_in_training_step = model.training and torch.is_grad_enabled()
@@ -200,8 +264,8 @@ class VCRegTrainer(Trainer):
                 metrics[f"vcreg/variance/{layer.name}"].append(torch.where(ok, v, 0.0))
                 metrics[f"vcreg/covariance/{layer.name}"].append(torch.where(ok, k, 0.0))
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
+    def _pop_vcreg_metrics(self, mode: str) -> dict[str, float]:
+        """Means of the values recorded since the last call; warns once per layer that was skipped."""
         metrics = {}
         for key, values in self._vcreg_metrics[mode].items():
             value = torch.stack([v.float().to(values[0].device) for v in values]).mean().item()
@@ -219,22 +283,108 @@ class VCRegTrainer(Trainer):
                 continue
             metrics[key] = value
         self._vcreg_metrics[mode].clear()
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = self._pop_vcreg_metrics(mode)
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         super().log({**logs, **metrics}, start_time)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Adds the evaluation means of the VCReg terms to the returned metrics (``eval_vcreg/variance``, ...)."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._pop_vcreg_metrics("eval").items()})
+        return output
 
     # ------------------------------------------------------------------ lifecycle
     def _remove_hooks(self) -> None:
         if self._vcreg_capture is not None:
             self._vcreg_capture.remove()
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from :func:`last_complete_checkpoint`."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True: no complete checkpoint-N (with a valid {TRAINER_STATE_NAME}) in "
+                    f"output_dir={self.args.output_dir!r}. Start without resume_from_checkpoint, or pass a path."
+                )
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)) and _trainer_state_step(resume_from_checkpoint) is None:
+            raise ValueError(
+                f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not a complete checkpoint: its "
+                f"{TRAINER_STATE_NAME} is missing or truncated (a save was interrupted?). The newest complete one in "
+                f"its folder is {last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))!r}."
+            )
+        self._remove_staged_checkpoints()
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._remove_hooks()
 
+    # ------------------------------------------------------------------ atomic checkpoints
+    def _remove_staged_checkpoints(self) -> None:
+        """Delete ``_incomplete-checkpoint-*`` left by a process killed mid-save (they were never complete)."""
+        out = self.args.output_dir
+        if self.args.should_save and out and os.path.isdir(out):
+            for name in os.listdir(out):
+                if name.startswith(STAGING_PREFIX + PREFIX_CHECKPOINT_DIR):
+                    shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+    def _get_output_dir(self, trial) -> str:
+        if self._vcreg_staging_root is not None:
+            return self._vcreg_staging_root
+        return super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._vcreg_staging_root is not None:  # push the renamed folder, not the staged one
+            self._vcreg_deferred_push = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """``Trainer._save_checkpoint`` into ``_incomplete-checkpoint-N/checkpoint-N``, then one rename to ``checkpoint-N``.
+
+        The Trainer computes the checkpoint folder from ``_get_output_dir``, which points at the staging folder while
+        it saves; every rank writes there (RNG states), all wait, and the saving process renames. Rotation
+        (``save_total_limit``) and the Hub push run after the rename, on the final folder.
+        """
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_PREFIX + name)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        self._vcreg_staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._vcreg_staging_root = None
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save and os.path.isdir(staged):  # absent: another node on a shared disk renamed it
+            _fsync_tree(staged)
+            if os.path.exists(final):  # a checkpoint of the same step from an earlier run: replace it
+                os.replace(final, os.path.join(staging_root, name + ".replaced"))
+            os.replace(staged, final)
+            _fsync(run_dir)
+            shutil.rmtree(staging_root, ignore_errors=True)
+        if self._vcreg_deferred_push:
+            self._vcreg_deferred_push = False
+            super()._push_from_checkpoint(final)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
     def evaluate(self, *args, **kwargs):
+        self._vcreg_last_micro["eval"] = (-1, 0)
         try:
             return super().evaluate(*args, **kwargs)
         finally:
@@ -242,11 +392,47 @@ class VCRegTrainer(Trainer):
                 self._remove_hooks()
 
     def predict(self, *args, **kwargs):
+        self._vcreg_last_micro["eval"] = (-1, 0)
         try:
             return super().predict(*args, **kwargs)
         finally:
             if not self.is_in_train:
                 self._remove_hooks()
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        self._check_equal_batch_counts(loader, "train")
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        loader = super().get_eval_dataloader(eval_dataset)
+        self._check_equal_batch_counts(loader, "eval")
+        return loader
+
+    def _check_equal_batch_counts(self, loader, split: str) -> None:
+        """Raise, on every rank, when ranks would run different numbers of forward passes.
+
+        Every forward of a regularised model runs collectives (the global statistics, DDP's gradient all-reduce,
+        the evaluation gather): a rank with an extra batch would wait for the others forever. accelerate's
+        ``even_batches=False`` without ``dataloader_drop_last`` produces exactly that when the number of batches
+        is not a multiple of the world size.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        try:
+            n = len(loader)
+        except TypeError:  # an iterable dataset without a length: nothing to compare
+            n = -1
+        counts = torch.tensor([n, -n], dtype=torch.float64, device=self.accelerator.device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        most, fewest = int(counts[0]), -int(counts[1])
+        if fewest >= 0 and most != fewest:
+            raise ValueError(
+                f"The {split} dataloader gives the {dist.get_world_size()} ranks different numbers of batches "
+                f"({fewest} to {most}; this rank: {n}): the rank with more batches would wait forever in the "
+                "collectives of its extra forward pass. Keep accelerator_config={'even_batches': True} (the default: "
+                "the last batch is completed with samples from the start) or set dataloader_drop_last=True."
+            )
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None and self._bare_model:
@@ -267,3 +453,65 @@ class VCRegTrainer(Trainer):
                 )
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    # ------------------------------------------------------------------ publishing (see hf_vcreg.publishing)
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save in the library's standard format (timm models: timm's hub format) + preprocessor config + card."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        timm_model = publishing.timm_module(self.model)
+        if timm_model is None:
+            super()._save(output_dir, state_dict)
+        elif self.args.should_save:
+            labels = publishing.label_names(self.model, self.train_dataset)
+            data_config = publishing.timm_data_config(self.processing_class)
+            publishing.save_timm_checkpoint(timm_model, output_dir, state_dict, labels, data_config)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if not self.args.should_save:
+            return
+        if timm_model is None:
+            publishing.save_image_processor(self.model, self.processing_class, output_dir)
+        self.model_card().save(os.path.join(output_dir, "README.md"))
+        if publishing.pushes_checkpoint(self, output_dir):  # the Trainer copies only config + weights over
+            publishing.stage_published_files(output_dir, self.args.output_dir, ("README.md", "preprocessor_config.json"))
+
+    def model_card(self, **kwargs):
+        """This run's VCReg model card (a ``huggingface_hub.ModelCard``), see ``publishing.model_card_from_trainer``."""
+        return publishing.model_card_from_trainer(self, **{**getattr(self, "_vcreg_card_kwargs", {}), **kwargs})
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """Write the VCReg card to ``output_dir/README.md``; the arguments are remembered for later saves."""
+        given = dict(license=license, tags=tags, finetuned_from=finetuned_from, dataset_tags=dataset_tags,
+                     dataset=dataset)
+        self._vcreg_card_kwargs = {**getattr(self, "_vcreg_card_kwargs", {}),
+                                   **{k: v for k, v in given.items() if v is not None}}
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self.model_card().save(os.path.join(self.args.output_dir, "README.md"))
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:
+            super().init_hf_repo(token, private)
+        except publishing.HUB_ERRORS as err:
+            raise publishing.push_error(err, self.args.output_dir, self.args.hub_model_id, creating=True) from err
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """``Trainer.push_to_hub``; a failed upload raises ``publishing.HubPushError`` and a retry resumes it."""
+        try:
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        except publishing.HUB_ERRORS as err:
+            repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+            raise publishing.push_error(err, self.args.output_dir, repo_id) from err
+
+    def _finish_current_push(self) -> None:
+        super()._finish_current_push()
+        running = getattr(self, "push_in_progress", None)
+        failed = [job for job in getattr(running, "jobs", None) or [] if job.done() and job.exception() is not None]
+        for job in failed:
+            logger.warning("A checkpoint push to the Hub failed (%s); the next push_to_hub() uploads the whole "
+                           "output_dir again.", job.exception())
+        if failed:
+            running.jobs = [job for job in running.jobs if job not in failed]
