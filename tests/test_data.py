@@ -1,4 +1,4 @@
-"""Offline benchmark data (benchmarks/data.py): exact schemas, class counts, transforms, seeding."""
+"""Offline data sets (hf_vcreg/data.py, re-exported by benchmarks/data.py): exact schemas, class counts, transforms, seeding."""
 
 import gzip
 import struct
@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import ClassLabel, Features, Image, Sequence, Value
 
-from benchmarks.data import (
+from hf_vcreg.data import (
     DIGITS_COARSE,
     DIGITS_COARSE_NAMES,
     DIGITS_NAMES,
