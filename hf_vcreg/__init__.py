@@ -2,11 +2,13 @@
 
 The package follows the data flow: :mod:`~hf_vcreg.capture` (blocks and sample matrices) ->
 :mod:`~hf_vcreg.penalty` (statistics, penalty, autograd function) -> :mod:`~hf_vcreg.trainer`
-(``VCRegTrainer``, with :mod:`~hf_vcreg.config`'s ``VCRegConfig``) -> publishing.
+(``VCRegTrainer``, with :mod:`~hf_vcreg.config`'s ``VCRegConfig``) -> :mod:`~hf_vcreg.publishing`
+(checkpoint format, model card, Hub push errors).
 """
 
 from .capture import BlockCapture, feature_axis, find_blocks, select_layers
 from .config import VCRegConfig
+from .publishing import HubPushError
 from .penalty import VCRegFunction, VCRegSpec, covariance_loss, covariance_matrix, variance_loss, vcreg_loss
 from .trainer import VCRegTrainer
 
@@ -14,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockCapture",
+    "HubPushError",
     "VCRegConfig",
     "VCRegFunction",
     "VCRegSpec",

@@ -1,0 +1,407 @@
+"""Publishing: the checkpoint format, the image-processor config and the model card of a VCReg run.
+
+Step 4 of the data flow (capture -> penalty -> trainer -> publishing). Everything written here loads with
+the model's own library, **without hf_vcreg installed**:
+
+* ``transformers`` models: ``save_pretrained`` (done by ``Trainer._save``) plus a ``preprocessor_config.json``.
+  When the trainer got no image processor (``processing_class``), :func:`default_image_processor` derives one
+  from the model config: the image-processor class ``AutoImageProcessor`` registers for the model type, with
+  its default normalisation, resized to ``config.image_size``. Pass ``processing_class=`` to record the
+  preprocessing you really trained with.
+* ``timm`` models (bare ``timm.create_model(...)`` or wrapped in ``TimmWrapperForImageClassification``):
+  timm's hub format (:func:`save_timm_checkpoint`): ``config.json`` with ``architecture``, ``num_classes``,
+  ``pretrained_cfg`` (input size, mean, std, ...) and ``model_args``, weights in ``model.safetensors`` with
+  timm's own key names. Loads with ``timm.create_model("hf-hub:<repo>", pretrained=True, num_classes=K)``
+  and with ``transformers`` (``AutoModelForImageClassification`` -> ``TimmWrapperForImageClassification``,
+  ``AutoImageProcessor`` -> ``TimmWrapperImageProcessor``). NOTE: timm 1.0.31's ``save_for_hf`` puts
+  ``num_classes`` into ``model_args``, which makes ``TimmWrapper`` fail with "got multiple values for keyword
+  argument 'num_classes'"; it is removed here (``num_classes`` stays at the top level, which both read).
+* ``README.md``: the model card, rendered from the Jinja2 template ``model_cards/vcreg_model_card.md``
+  (shipped inside the package as ``hf_vcreg/model_cards/``) by :func:`model_card_from_trainer`.
+
+``training_args.bin`` (the Trainer's pickled ``VCRegConfig``) still lands in checkpoints and in uploads, as
+with every ``Trainer``: no loader (``from_pretrained``, ``AutoImageProcessor``, ``timm.create_model``) reads
+it, so the published model loads without hf_vcreg; only ``torch.load`` of that one file needs it. The card
+lists every ``vcreg_*`` value instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+from torch import nn
+from transformers import PreTrainedModel
+
+from .capture import unwrap_model
+
+__all__ = [
+    "CARD_TEMPLATE",
+    "HubPushError",
+    "PUBLISHED_FILES",
+    "default_image_processor",
+    "final_metrics",
+    "model_card_from_trainer",
+    "push_error",
+    "render_model_card",
+    "label_names",
+    "pushes_checkpoint",
+    "save_image_processor",
+    "save_timm_checkpoint",
+    "stage_published_files",
+    "timm_data_config",
+    "timm_module",
+]
+
+logger = logging.getLogger(__name__)
+
+CARD_TEMPLATE = "vcreg_model_card.md"
+"""File name of the card template in ``hf_vcreg/model_cards/`` (source: ``model_cards/`` at the repo root)."""
+
+PAPER_BIBTEX = """@article{zhu2023vcreg,
+  title   = {Variance-Covariance Regularization Improves Representation Learning},
+  author  = {Zhu, Jiachen and Evtimova, Katrina and Chen, Yubei and Shwartz-Ziv, Ravid and LeCun, Yann},
+  journal = {arXiv preprint arXiv:2306.13292},
+  year    = {2023}
+}"""
+
+PUBLISHED_FILES = ("README.md", "preprocessor_config.json", "config.json", "model.safetensors")
+"""Files of a saved folder that make up the published model (copied from a checkpoint before a Hub push)."""
+
+# Provenance keys of timm's default pretrained_cfg that would misdescribe newly trained weights.
+_TIMM_PROVENANCE_KEYS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "origin_url",
+                         "paper_ids", "paper_name", "notes", "license", "state_dict")
+
+# Final values shown in the card, in this order: (log key, label).
+_TRAIN_METRICS = (("loss", "loss (task + VCReg)"), ("task_loss", "task loss"), ("vcreg/penalty", "VCReg penalty"),
+                  ("vcreg/variance", "variance term V"), ("vcreg/covariance", "covariance term K"),
+                  ("accuracy", "accuracy"))
+
+
+class HubPushError(RuntimeError):
+    """Uploading to the Hub failed; the local folder is complete and a later ``push_to_hub()`` resumes."""
+
+
+HUB_ERRORS: tuple[type[BaseException], ...] = (
+    HfHubHTTPError, ConnectionError, TimeoutError,
+    *(c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError"),  # httpx's base: connection errors too
+)
+"""Exceptions of ``huggingface_hub`` for a refused, failed or unreachable request."""
+
+
+def push_error(err: BaseException, output_dir: str, repo_id: str | None, creating: bool = False) -> HubPushError:
+    """The :class:`HubPushError` raised when pushing ``output_dir`` to ``repo_id`` (or creating it) failed."""
+    if creating:
+        return HubPushError(
+            f"Creating the Hub repo {repo_id!r} failed: {type(err).__name__}: {err}. Nothing was trained or uploaded "
+            "yet. Check that HF_ENDPOINT is reachable and the token (HF_TOKEN / hub_token) has write access, or set "
+            "push_to_hub=False and call trainer.push_to_hub() later."
+        )
+    return HubPushError(
+        f"Pushing {output_dir!r} to the Hub repo {repo_id!r} failed: {type(err).__name__}: {err}. The local folder "
+        f"{output_dir!r} is complete (weights, config, preprocessor config, model card) and loads with "
+        "from_pretrained. Commits are atomic, so the Hub repo did not change. Fix the cause (is HF_ENDPOINT "
+        "reachable? does the token have write access? is the repo id right?) and call trainer.push_to_hub() "
+        "again: files the Hub already holds are not sent twice."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- timm format
+def timm_module(model: nn.Module) -> nn.Module | None:
+    """The timm model inside ``model`` (a bare timm model, or ``TimmWrapper*``'s ``timm_model``), else None."""
+    base = unwrap_model(model)
+    if isinstance(base, PreTrainedModel):
+        base = getattr(base, "timm_model", None)
+    is_timm = base is not None and type(base).__module__.startswith("timm.") and hasattr(base, "pretrained_cfg")
+    return base if is_timm else None
+
+
+def timm_data_config(processing_class: Any) -> dict | None:
+    """``data_config`` of a ``TimmWrapperImageProcessor`` (input size, mean, std, ...), else None."""
+    data_config = getattr(processing_class, "data_config", None)
+    return dict(data_config) if isinstance(data_config, dict) else None
+
+
+def save_timm_checkpoint(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    label_names: list[str] | None = None,
+    data_config: dict | None = None,
+) -> Path:
+    """Write ``model`` (a timm model) in timm's hub format into ``output_dir``; return the ``config.json`` path.
+
+    ``state_dict`` (optional) replaces ``model.state_dict()`` (e.g. gathered by the Trainer under FSDP); a
+    ``timm_model.`` prefix (``TimmWrapper`` keys) is stripped. ``label_names`` (class index -> name) and
+    ``data_config`` (timm's ``input_size``/``mean``/``std``/``interpolation``/``crop_pct``; default: the model's
+    ``pretrained_cfg``) go into the config. Set ``model.pretrained_cfg`` or pass a ``TimmWrapperImageProcessor``
+    as the trainer's ``processing_class`` to record the preprocessing you trained with.
+    """
+    from timm.models._hub import save_config_for_hf
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = model.state_dict() if state_dict is None else state_dict
+    tensors = {k.removeprefix("timm_model."): v.detach().contiguous().cpu() for k, v in tensors.items()}
+    safetensors.torch.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    model_config = {"label_names": list(label_names)} if label_names else None
+    config_path = out / "config.json"
+    save_config_for_hf(model, str(config_path), model_config=model_config, data_config=data_config)
+    config = json.loads(config_path.read_text())
+    config.get("model_args", {}).pop("num_classes", None)  # NOTE: the timm 1.0.31 / TimmWrapper clash (above)
+    if config.get("model_args") == {}:
+        del config["model_args"]
+    for key in _TIMM_PROVENANCE_KEYS:
+        config["pretrained_cfg"].pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return config_path
+
+
+# ------------------------------------------------------------------------------------- image processor
+def default_image_processor(config: Any):
+    """An image processor for a ``transformers`` model config, for checkpoints trained without one.
+
+    The class ``AutoImageProcessor`` maps ``type(config)`` to (the torchvision backend when available), with
+    its default normalisation (ImageNet mean/std for most models), and its output size set to
+    ``config.image_size`` when the config has one: ``{"height", "width"}`` sizes become ``image_size`` squared,
+    a ``shortest_edge`` size (ConvNeXt: resize to ``image_size / crop_pct``, centre-crop) becomes
+    ``image_size``. Raises ValueError naming the config class when transformers maps none.
+    """
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    try:
+        classes = IMAGE_PROCESSOR_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(
+            f"transformers has no image processor for {type(config).__name__}; pass processing_class=<an image "
+            "processor> to the trainer so that the checkpoint carries a preprocessor_config.json."
+        ) from None
+    candidates = [classes.get(b) for b in ("torchvision", "pil")] if isinstance(classes, dict) else [classes]
+    cls = next(c for c in candidates if isinstance(c, type) and not getattr(c, "is_dummy", False))
+    processor = cls()
+    image_size = getattr(config, "image_size", None)
+    if isinstance(image_size, (list, tuple)):
+        image_size = image_size[0]
+    if isinstance(image_size, int):
+        square = {"height": image_size, "width": image_size}
+        kwargs = {"size": {"shortest_edge": image_size} if processor.size.get("shortest_edge") else square}
+        if getattr(processor, "crop_size", None) is not None:
+            kwargs["crop_size"] = square
+        processor = cls(**kwargs)
+    channels = getattr(config, "num_channels", 3)
+    if channels != 3:
+        logger.warning("default_image_processor: %s has num_channels=%s; the derived %s assumes RGB input.",
+                       type(config).__name__, channels, cls.__name__)
+    return processor
+
+
+def save_image_processor(model: nn.Module, processing_class: Any, output_dir: str | os.PathLike) -> str | None:
+    """Write ``preprocessor_config.json`` for a transformers model unless the folder has one; return its class.
+
+    A ``processing_class`` given to the trainer has already been saved by the Trainer; otherwise the
+    :func:`default_image_processor` of the model config is written (and logged).
+    """
+    path = Path(output_dir) / "preprocessor_config.json"
+    if path.is_file() or processing_class is not None:
+        return None
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None:
+        return None
+    processor = default_image_processor(config)
+    processor.save_pretrained(str(output_dir))
+    logger.info("No processing_class given: wrote a default %s (size %s) to %s.", type(processor).__name__,
+                dict(processor.size), path)
+    return type(processor).__name__
+
+
+# ------------------------------------------------------------------------------------------ model card
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return "`None`" if value is None else f"`{value}`"
+
+
+def final_metrics(log_history: list[dict]) -> dict[str, list[tuple[str, str, Any, int]]]:
+    """Last logged value of each card metric: ``{"train"|"eval": [(key, label, value, step), ...]}``.
+
+    Training values come from the last log entry holding each key (``loss``, ``task_loss``, ``vcreg/penalty``,
+    ``vcreg/variance``, ``vcreg/covariance``, ``accuracy``), evaluation values from the ``eval_``-prefixed keys.
+    """
+    out: dict[str, list[tuple[str, str, Any, int]]] = {"train": [], "eval": []}
+    for split, prefix in (("train", ""), ("eval", "eval_")):
+        for key, label in _TRAIN_METRICS:
+            for entry in reversed(log_history):
+                if prefix + key in entry:
+                    out[split].append((prefix + key, label, entry[prefix + key], entry.get("step", 0)))
+                    break
+    return out
+
+
+def _dataset_name(trainer: Any, dataset: str | list[str] | None) -> str | None:
+    if dataset:
+        return dataset if isinstance(dataset, str) else ", ".join(dataset)
+    info = getattr(getattr(trainer, "train_dataset", None), "info", None)
+    name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+    config_name = getattr(info, "config_name", None)
+    return f"{name} ({config_name})" if name and config_name and config_name != "default" else name
+
+
+def render_model_card(
+    *,
+    repo_id: str,
+    library_name: str,
+    vcreg_hparams: dict[str, Any],
+    layer_names: list[str],
+    architecture: str,
+    log_history: list[dict],
+    dataset: str | None = None,
+    dataset_ids: list[str] | None = None,
+    tags: list[str] | None = None,
+    license: str | None = None,
+    base_model: str | None = None,
+    training_hparams: dict[str, Any] | None = None,
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """Render the VCReg model card (metadata + text) from explicit values; see :func:`model_card_from_trainer`.
+
+    ``library_name`` is ``"transformers"`` or ``"timm"`` (the checkpoint format). ``repo_id`` is a Hub id or a
+    local folder (the fine-tuning commands then use ``local-dir:`` for timm). The metadata carries the tags
+    ``vcreg``, ``image-classification`` (+ ``timm``), ``pipeline_tag: image-classification`` and, when an
+    evaluation accuracy and a data set are known, a ``model-index`` entry.
+    """
+    is_timm = library_name == "timm"
+    all_tags = ["vcreg", "image-classification"] + (["timm"] if is_timm else [])
+    for tag in tags or []:
+        if tag not in all_tags:
+            all_tags.append(tag)
+    metrics = final_metrics(log_history)
+    title = repo_id.rstrip("/").split("/")[-1]
+    eval_results = None
+    accuracy = next((m[2] for m in metrics["eval"] if m[0] == "eval_accuracy"), None)
+    if accuracy is not None and dataset:
+        eval_results = [EvalResult(task_type="image-classification", dataset_type=(dataset_ids or [dataset])[0],
+                                   dataset_name=dataset, metric_type="accuracy", metric_value=float(accuracy))]
+    card_data = ModelCardData(
+        library_name=library_name,
+        pipeline_tag="image-classification",
+        tags=all_tags,
+        license=license,
+        datasets=dataset_ids or ([dataset] if dataset else None),
+        base_model=base_model,
+        metrics=["accuracy"] if accuracy is not None else None,
+        model_name=title if eval_results else None,
+        eval_results=eval_results,
+    )
+    local = os.path.isdir(repo_id) or repo_id.startswith((".", "/"))
+    template = Path(template_path) if template_path else resources.files("hf_vcreg") / "model_cards" / CARD_TEMPLATE
+    return ModelCard.from_template(
+        card_data,
+        template_str=template.read_text(encoding="utf-8"),
+        title=title,
+        repo_id=repo_id,
+        timm_id=f"local-dir:{repo_id}" if local else f"hf-hub:{repo_id}",
+        is_timm=is_timm,
+        architecture=architecture,
+        vcreg_hparams=[(k, _fmt(v)) for k, v in vcreg_hparams.items()],
+        layer_names=layer_names,
+        dataset=dataset,
+        metrics={split: [(label, key, _fmt(value), step) for key, label, value, step in rows]
+                 for split, rows in metrics.items()},
+        training_hparams=[(k, _fmt(v)) for k, v in (training_hparams or {}).items()],
+        bibtex=PAPER_BIBTEX,
+    )
+
+
+def model_card_from_trainer(trainer: Any, repo_id: str | None = None, **kwargs: Any) -> ModelCard:
+    """The card of a ``VCRegTrainer`` run (duck-typed: ``args``, ``model``, ``state``, ``vcreg_layer_names``).
+
+    ``kwargs`` are those of ``Trainer.create_model_card`` / ``push_to_hub``: ``dataset`` (display name; default:
+    the train data set's ``info.dataset_name``), ``dataset_tags`` (Hub data set ids for the metadata),
+    ``tags``, ``license``, ``finetuned_from``; others (``language``, ``tasks``, ``model_name``, ...) are ignored.
+    """
+    args = trainer.args
+    model = unwrap_model(trainer.model)
+    timm_model = timm_module(model)
+    if repo_id is None:
+        repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or os.path.abspath(args.output_dir)
+    if timm_model is not None:
+        architecture = f"timm `{timm_model.pretrained_cfg.get('architecture', type(timm_model).__name__)}`"
+    else:
+        architecture = f"transformers `{type(model).__name__}`"
+    dataset_tags = kwargs.get("dataset_tags")
+    tags = kwargs.get("tags")
+    tags = ([tags] if isinstance(tags, str) else list(tags or [])) + list(getattr(model, "model_tags", None) or [])
+    return render_model_card(
+        repo_id=repo_id,
+        library_name="timm" if timm_model is not None else "transformers",
+        vcreg_hparams=args.vcreg_dict(),
+        layer_names=list(getattr(trainer, "vcreg_layer_names", []) or []),
+        architecture=architecture,
+        log_history=list(trainer.state.log_history),
+        dataset=_dataset_name(trainer, kwargs.get("dataset")),
+        dataset_ids=[dataset_tags] if isinstance(dataset_tags, str) else dataset_tags,
+        tags=tags,
+        license=kwargs.get("license"),
+        base_model=kwargs.get("finetuned_from"),
+        training_hparams={
+            "learning_rate": args.learning_rate,
+            "train_batch_size (per device)": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "optimizer": str(getattr(args.optim, "value", args.optim)),
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "num_train_epochs": args.num_train_epochs,
+            "max_steps": args.max_steps,
+            "global_step": trainer.state.global_step,
+            "seed": args.seed,
+        },
+    )
+
+
+def label_names(model: nn.Module, train_dataset: Any = None) -> list[str] | None:
+    """Class names in index order: a transformers config's ``id2label``, else the train set's ``label`` ClassLabel."""
+    config = getattr(unwrap_model(model), "config", None)
+    id2label = getattr(config, "id2label", None)
+    if id2label:
+        return [str(id2label[i]) for i in sorted(id2label)]
+    feature = (getattr(train_dataset, "features", None) or {}).get("label")
+    return list(feature.names) if getattr(feature, "names", None) else None
+
+
+def pushes_checkpoint(trainer: Any, save_dir: str) -> bool:
+    """Whether ``Trainer._push_from_checkpoint`` will upload ``output_dir`` after this checkpoint save.
+
+    Mirrors its conditions: ``push_to_hub``, ``hub_strategy != "end"``, process zero, a checkpoint folder (not
+    ``output_dir`` itself), and no upload still running (unless ``hub_always_push``).
+    """
+    args = trainer.args
+    if not args.push_to_hub or args.hub_strategy == "end" or not trainer.is_world_process_zero():
+        return False
+    if os.path.abspath(save_dir) == os.path.abspath(args.output_dir):
+        return False
+    running = getattr(trainer, "push_in_progress", None)
+    return args.hub_always_push or running is None or running.is_done()
+
+
+def stage_published_files(
+    checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, names: tuple[str, ...] = PUBLISHED_FILES
+) -> list[str]:
+    """Copy the files ``names`` present in ``checkpoint_dir`` into ``output_dir``; return the names copied."""
+    copied = []
+    for name in names:
+        src = Path(checkpoint_dir) / name
+        if src.is_file() and Path(checkpoint_dir).resolve() != Path(output_dir).resolve():
+            shutil.copy(src, Path(output_dir) / name)
+            copied.append(name)
+    return copied
