@@ -7,6 +7,7 @@ Parses with ``HfArgumentParser`` from the command line (``--vcreg_alpha 0.1``) a
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,16 +94,19 @@ class VCRegConfig(TrainingArguments):
         def bad(name: str, fix: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
 
+        def number(value) -> bool:  # JSON / dict values arrive unconverted: "0.1" and true are not numbers
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         for name in ("vcreg_alpha", "vcreg_beta"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not number(value) or value < 0:
                 raise bad(name, "use a finite number >= 0 (0 turns the term off).")
         for name in ("vcreg_gamma", "vcreg_eps"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not number(value) or value <= 0:
                 raise bad(name, "use a finite number > 0.")
-        if self.vcreg_delta is not None and (not math.isfinite(self.vcreg_delta) or self.vcreg_delta <= 0):
-            raise bad("vcreg_delta", "use a number > 0, or leave it unset for the plain squared covariance.")
+        if self.vcreg_delta is not None and (not number(self.vcreg_delta) or self.vcreg_delta <= 0):
+            raise bad("vcreg_delta", "use a finite number > 0, or leave it unset for the plain squared covariance.")
         if self.vcreg_layer_reduction not in ("mean", "sum"):
             raise bad("vcreg_layer_reduction", "use 'mean' or 'sum'.")
         if self.vcreg_implementation not in ("gradient", "loss"):
@@ -111,8 +115,17 @@ class VCRegConfig(TrainingArguments):
             isinstance(self.vcreg_max_rows, bool) or not isinstance(self.vcreg_max_rows, int) or self.vcreg_max_rows < 2
         ):
             raise bad("vcreg_max_rows", "use an integer >= 2 (a covariance needs 2 rows), or leave it unset.")
-        if not isinstance(self.vcreg_layers, str) or not self.vcreg_layers.strip():
+        if not isinstance(self.vcreg_layers, str) or not self.vcreg_layers.strip(", "):
             raise bad("vcreg_layers", "use 'blocks', 'last' or comma-separated module-name regular expressions.")
+        if self.vcreg_layers not in ("blocks", "last"):  # patterns: compile now; matching needs the model (trainer)
+            for pattern in (p.strip() for p in self.vcreg_layers.split(",") if p.strip()):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise bad(
+                        "vcreg_layers", f"{pattern!r} is not a valid regular expression ({err}); escape literal dots "
+                        "and brackets, e.g. 'vit\\.layers\\.(3|7)'."
+                    ) from err
 
     @property
     def vcreg_enabled(self) -> bool:

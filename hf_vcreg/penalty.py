@@ -282,6 +282,11 @@ def _explicit_penalty(x, axis, rows, spec, group):
     if rows is not None:
         samples = samples[torch.unravel_index(rows, samples.shape[:-1])]
     z = samples.reshape(-1, d).to(_stat_dtype(x.dtype))
+    # NOTE: an invalid layer must get a gradient of exactly 0, and masking only the penalty (torch.where) is not
+    # enough: the backward would still multiply that 0 by the inf in Z (or in an overflowed C), giving NaN. So
+    # non-finite samples are replaced by zeros and an overflowed C by 0 before anything is differentiated.
+    finite = torch.isfinite(z).all()
+    z = torch.where(finite, z, 0.0)
     if group is None:
         n = z.shape[0]
         if n < 2:
@@ -292,13 +297,15 @@ def _explicit_penalty(x, axis, rows, spec, group):
     else:
         from torch.distributed.nn.functional import all_reduce as diff_all_reduce
 
-        buf = diff_all_reduce(torch.cat([z.sum(0), z.new_tensor([z.shape[0]])]), group=group)
-        n = buf[d].detach()
+        counts = torch.stack([z.new_tensor(float(z.shape[0])), (~finite).to(z.dtype)])  # rows, non-finite flag
+        buf = diff_all_reduce(torch.cat([z.sum(0), counts]), group=group)
+        n, finite = buf[d].detach(), buf[d + 1].detach() == 0  # every rank agrees on the validity
         zc = z - buf[:d] / n.clamp(min=1)
         cov = diff_all_reduce(zc.T @ zc, group=group) / (n - 1).clamp(min=1)
+    valid = (n >= 2) & finite & torch.isfinite(cov.detach()).all()
+    cov = torch.where(valid, cov, 0.0)
     v = _variance_from_cov(cov, spec.gamma, spec.eps)
     k = _covariance_from_cov(cov, spec.delta)
-    valid = (n >= 2) & torch.isfinite(cov.detach()).all()
     penalty = torch.where(valid, spec.weight * (spec.alpha * v + spec.beta * k), 0.0)
     return x, penalty, v.detach(), k.detach(), valid
 

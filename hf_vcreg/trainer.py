@@ -124,6 +124,7 @@ class VCRegTrainer(Trainer):
             )
         if model is None:
             raise ValueError("VCRegTrainer needs a model (model_init is not supported: the hooks need the instance).")
+        args._validate_vcreg()  # again: fields may have been changed after the config was built
         super().__init__(model, args, *a, **kw)
         # The trainer computes per-micro-batch means; never let the model normalise by num_items_in_batch.
         self.model_accepts_loss_kwargs = False

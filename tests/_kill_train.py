@@ -1,0 +1,188 @@
+"""Tiny training set-ups shared by the robustness tests, and the subprocess that ``tests/test_kill.py`` kills.
+
+As a module: :func:`dataset`, :func:`config`, :func:`trainer`, :func:`weights`, :func:`step_logs`.
+
+As a script (``python tests/_kill_train.py ROOT MODEL TRAINER:KILL_AT ...``): for each scenario, a forked child
+trains ``MODEL`` (a name of ``tests/_tiny_models.py``) for 6 steps with a checkpoint every 2 into
+``ROOT/TRAINER-KILL_AT`` and SIGKILLs itself in the middle of writing one file of the step-4 checkpoint; the
+parent prints the children's exit codes (``-9``: killed) as ``EXIT_CODES {json}``. ``TRAINER`` is ``vcreg``
+(``VCRegTrainer``) or ``plain`` (``transformers.Trainer``, to show the upstream layout). ``KILL_AT`` names the
+file and how it is cut:
+
+* ``model``: ``model.safetensors``, half its bytes written;
+* ``optimizer``: ``optimizer.pt``, half its bytes written;
+* ``trainer_state``: ``trainer_state.json`` (written last), half its text written;
+* ``none``: no kill (the run completes).
+
+The kill is real (``os.kill(os.getpid(), SIGKILL)``: no ``finally``, no atexit, no flush of Python buffers).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tiny_models import IMG, build  # noqa: E402
+
+from hf_vcreg import VCRegConfig, VCRegTrainer  # noqa: E402
+
+VCREG_KEYS = ("loss", "task_loss", "vcreg/penalty", "vcreg/variance", "vcreg/covariance", "vcreg/skipped_layers")
+
+
+def dataset(n: int = 24, seed: int = 0, size: int = IMG, num_labels: int = 3) -> Dataset:
+    """``n`` random images ``(3, size, size)`` with labels, as a real ``datasets.Dataset`` in torch format."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+    labels = rng.integers(0, num_labels, n)
+    return Dataset.from_dict({"pixel_values": pixels, "labels": labels}).with_format("torch")
+
+
+def config(output_dir, **overrides) -> VCRegConfig:
+    """A CPU config: batch 4, 6 steps, AdamW, a checkpoint every 2 steps, a log line every step."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=6,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+        vcreg_alpha=0.5,
+        vcreg_beta=0.5,
+    )
+    kwargs.update(overrides)
+    return VCRegConfig(**kwargs)
+
+
+def trainer(model_name: str, args: VCRegConfig, model_seed: int = 0, trainer_cls=VCRegTrainer, **kw):
+    model = build(model_name, seed=model_seed)
+    return trainer_cls(model=model, args=args, train_dataset=dataset(), **kw)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), f"different parameter names: {sorted(a.keys() ^ b.keys())[:5]}"
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+
+
+def step_logs(log_history: list[dict], keys=VCREG_KEYS) -> dict[int, dict[str, float]]:
+    """The log lines holding ``keys[0]`` (``loss``: per-step training lines), as ``{step: {key: value}}``."""
+    return {e["step"]: {k: e[k] for k in keys if k in e} for e in log_history if keys[0] in e}
+
+
+# ---------------------------------------------------------------------------------------------- the script
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_half_and_die(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    _kill_self()
+
+
+def _install_kill(kill_at: str, step: int, state_of) -> None:
+    """Patch the writer of one checkpoint file so that, at ``step``, it writes half the file and SIGKILLs."""
+    import io
+
+    import safetensors.torch
+    import transformers.modeling_utils as modeling_utils
+    from transformers.trainer_callback import TrainerState
+
+    if kill_at == "model":
+        original = safetensors.torch.save_file
+
+        def save_file(tensors, filename, *a, **kw):
+            if state_of().global_step == step:
+                from safetensors.torch import save as to_bytes
+
+                _write_half_and_die(filename, to_bytes(tensors, metadata=kw.get("metadata")))
+            return original(tensors, filename, *a, **kw)
+
+        modeling_utils.safe_save_file = save_file
+        safetensors.torch.save_file = save_file  # bare (non-PreTrainedModel) models: trainer.py calls it by attribute
+    elif kill_at == "optimizer":
+        original_save = torch.save
+
+        def save(obj, f, *a, **kw):
+            if isinstance(f, (str, os.PathLike)) and str(f).endswith("optimizer.pt") and state_of().global_step == step:
+                buf = io.BytesIO()
+                original_save(obj, buf, *a, **kw)
+                _write_half_and_die(str(f), buf.getvalue())
+            return original_save(obj, f, *a, **kw)
+
+        torch.save = save
+    elif kill_at == "trainer_state":
+        original_json = TrainerState.save_to_json
+
+        def save_to_json(self, json_path):
+            if self.global_step == step and os.path.basename(os.path.dirname(json_path)).endswith(f"-{step}"):
+                original_json(self, json_path + ".full")
+                with open(json_path + ".full", "rb") as f:
+                    data = f.read()
+                os.remove(json_path + ".full")
+                _write_half_and_die(json_path, data)
+            return original_json(self, json_path)
+
+        TrainerState.save_to_json = save_to_json
+    elif kill_at != "none":
+        raise SystemExit(f"unknown kill point {kill_at!r}: use model, optimizer, trainer_state or none")
+
+
+def _run(output_dir: str, model: str, trainer_kind: str, kill_at: str, kill_step: int) -> None:
+    from transformers import Trainer
+
+    # NOTE: no torch.set_num_threads here: the tests compare with runs in the pytest process, and the thread
+    # count changes float summation order (AdamW's first steps amplify that to ~lr).
+    cls = VCRegTrainer if trainer_kind == "vcreg" else Trainer
+    t = trainer(model, config(output_dir), trainer_cls=cls)
+    _install_kill(kill_at, kill_step, lambda: t.state)
+    t.train()
+
+
+def main(argv: list[str]) -> None:
+    """Run each ``TRAINER:KILL_AT`` scenario in a forked child (one import for all); print their exit codes."""
+    import argparse
+    import json
+    import traceback
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", help="scenario S writes to ROOT/S with ':' replaced by '-'")
+    parser.add_argument("model", help="a name of tests/_tiny_models.py")
+    parser.add_argument("scenarios", nargs="+", help="TRAINER:KILL_AT, TRAINER in {vcreg, plain}")
+    parser.add_argument("--kill_step", type=int, default=4)
+    opts = parser.parse_args(argv)
+    codes = {}
+    for scenario in opts.scenarios:
+        trainer_kind, kill_at = scenario.split(":")
+        pid = os.fork()
+        if pid == 0:  # the child trains and (unless kill_at is "none") SIGKILLs itself mid-save
+            code = 0
+            try:
+                _run(os.path.join(opts.root, scenario.replace(":", "-")), opts.model, trainer_kind, kill_at, opts.kill_step)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        codes[scenario] = os.waitstatus_to_exitcode(status)  # -9: killed by SIGKILL
+    print("EXIT_CODES " + json.dumps(codes))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,197 @@
+"""Configuration: every invalid ``vcreg_*`` value is refused when the config (or the trainer) is built, with a
+message naming the field and the fix, whichever way the config arrives: ``VCRegConfig(...)``, the command line
+(``HfArgumentParser.parse_args_into_dataclasses``) or a JSON file (``parse_json_file``). And the config saved
+with a run (``training_args.bin``, the model card's table) reproduces the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from _kill_train import config, max_weight_diff, trainer, weights
+from torch import nn
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_vcreg import VCRegConfig, VCRegTrainer
+
+# (field, bad value, what the message must say besides "<field>=<value> is invalid")
+INVALID = [
+    ("vcreg_alpha", -0.1, r"finite number >= 0"),
+    ("vcreg_alpha", math.nan, r"finite number >= 0"),
+    ("vcreg_alpha", math.inf, r"finite number >= 0"),
+    ("vcreg_beta", -1.0, r"finite number >= 0"),
+    ("vcreg_beta", -math.inf, r"finite number >= 0"),
+    ("vcreg_gamma", 0.0, r"finite number > 0"),
+    ("vcreg_gamma", math.inf, r"finite number > 0"),
+    ("vcreg_eps", 0.0, r"finite number > 0"),
+    ("vcreg_eps", -1e-4, r"finite number > 0"),
+    ("vcreg_eps", math.nan, r"finite number > 0"),
+    ("vcreg_delta", 0.0, r"finite number > 0, or leave it unset"),
+    ("vcreg_delta", -0.5, r"finite number > 0, or leave it unset"),
+    ("vcreg_delta", math.nan, r"finite number > 0, or leave it unset"),
+    ("vcreg_delta", math.inf, r"finite number > 0, or leave it unset"),
+    ("vcreg_max_rows", 1, r"integer >= 2"),
+    ("vcreg_max_rows", 0, r"integer >= 2"),
+    ("vcreg_max_rows", -5, r"integer >= 2"),
+    ("vcreg_layers", "", r"'blocks', 'last' or comma-separated"),
+    ("vcreg_layers", " , ", r"'blocks', 'last' or comma-separated"),
+    ("vcreg_layers", r"vit\.layers\.(3", r"not a valid regular expression.*escape"),
+    ("vcreg_layers", r"blocks\.[0", r"not a valid regular expression.*escape"),
+    ("vcreg_layers", r"a, *b", r"'\*b' is not a valid regular expression"),
+    ("vcreg_layer_reduction", "max", r"'mean' or 'sum'"),
+    ("vcreg_implementation", "fast", r"'gradient' .* or 'loss'"),
+]
+# Values only a dict / JSON file can carry (the command line converts or refuses them itself).
+INVALID_TYPES = [
+    ("vcreg_alpha", "0.1", r"finite number >= 0"),
+    ("vcreg_alpha", True, r"finite number >= 0"),
+    ("vcreg_delta", "0.5", r"finite number > 0"),
+    ("vcreg_max_rows", 2.5, r"integer >= 2"),
+    ("vcreg_max_rows", True, r"integer >= 2"),
+    ("vcreg_layers", 3, r"'blocks', 'last'"),
+]
+
+
+def _message(field, value, fix):
+    return rf"^{field}={re.escape(repr(value))} is invalid: .*{fix}"
+
+
+def _ids(cases):
+    return [f"{f}={v!r}" for f, v, _ in cases]
+
+
+@pytest.mark.parametrize("field,value,fix", INVALID + INVALID_TYPES, ids=_ids(INVALID + INVALID_TYPES))
+def test_invalid_value_is_refused_by_the_constructor(tmp_path, field, value, fix):
+    with pytest.raises(ValueError, match=_message(field, value, fix)):
+        VCRegConfig(output_dir=str(tmp_path), **{field: value})
+
+
+@pytest.mark.parametrize("field,value,fix", INVALID + INVALID_TYPES, ids=_ids(INVALID + INVALID_TYPES))
+def test_invalid_value_is_refused_from_a_json_file(tmp_path, field, value, fix):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path), field: value}))  # NaN / Infinity: Python's JSON
+    with pytest.raises(ValueError, match=_message(field, value, fix)):
+        HfArgumentParser(VCRegConfig).parse_json_file(str(path))
+
+
+CHOICE_FIELDS = {"vcreg_layer_reduction": "mean, sum", "vcreg_implementation": "gradient, loss"}
+
+
+@pytest.mark.parametrize("field,value,fix", INVALID, ids=_ids(INVALID))
+def test_invalid_value_is_refused_on_the_command_line(tmp_path, capsys, field, value, fix):
+    argv = ["--output_dir", str(tmp_path), f"--{field}={value}"]  # "=": "-inf" is a value, not an option
+    parser = HfArgumentParser(VCRegConfig)
+    if field in CHOICE_FIELDS:  # argparse refuses a Literal's unknown value itself, listing the choices
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args_into_dataclasses(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"argument --{field}(/--[\w-]+)?: invalid choice: '{value}'", err), err
+        assert all(choice in err for choice in CHOICE_FIELDS[field].split(", "))
+        return
+    expected = float(value) if isinstance(value, float) else value  # argparse hands the parsed type on
+    with pytest.raises(ValueError, match=_message(field, expected, fix)):
+        parser.parse_args_into_dataclasses(argv)
+
+
+def test_command_line_refuses_a_non_integer_row_cap_and_unknown_json_keys(tmp_path, capsys):
+    parser = HfArgumentParser(VCRegConfig)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--vcreg_max_rows", "2.5"])
+    assert re.search(r"argument --vcreg_max_rows(/--[\w-]+)?: invalid int value: '2.5'", capsys.readouterr().err)
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path), "vcreg_alpah": 0.1}))  # a typo must not pass silently
+    with pytest.raises(ValueError, match=r"vcreg_alpah"):
+        parser.parse_json_file(str(path))
+
+
+def test_valid_values_pass_every_route_unchanged(tmp_path):
+    values = dict(
+        vcreg_alpha=0.0, vcreg_beta=2.5, vcreg_gamma=0.5, vcreg_eps=1e-6, vcreg_delta=0.25, vcreg_max_rows=2,
+        vcreg_layers=r"vit\.layers\.(0|1), classifier", vcreg_layer_reduction="sum", vcreg_implementation="loss",
+        vcreg_distributed_stats=True, vcreg_log_per_layer=True,
+    )
+    direct = VCRegConfig(output_dir=str(tmp_path), **values).vcreg_dict()
+    argv = ["--output_dir", str(tmp_path)]
+    argv += [f"--{k}={v}" for k, v in values.items()]
+    (cli,) = HfArgumentParser(VCRegConfig).parse_args_into_dataclasses(argv)
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path), **values}))
+    (from_json,) = HfArgumentParser(VCRegConfig).parse_json_file(str(path))
+    assert direct == cli.vcreg_dict() == from_json.vcreg_dict() == values
+
+
+# --------------------------------------------------------------------------------- refused when the trainer is built
+def test_pattern_matching_no_module_is_refused_with_the_detected_blocks(tmp_path):
+    pattern = r"vit\.layer\.0"  # a 4.x module name: 5.x renamed vit.encoder.layer to vit.layers
+    expected = r"vcreg_layers pattern '" + re.escape(pattern) + r"' matches no module.*Detected blocks: " + re.escape(
+        "['vit.layers.0', 'vit.layers.1']"
+    )
+    with pytest.raises(ValueError, match=expected):
+        trainer("hf_vit", config(tmp_path, vcreg_layers=pattern))
+
+
+def test_blocks_on_a_model_without_blocks_asks_for_patterns(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"vcreg_layers='blocks': no blocks were detected in Sequential.*regular "
+                       r"expressions"):
+        VCRegTrainer(model=model, args=config(tmp_path))
+
+
+def test_distributed_statistics_without_a_process_group_are_refused(tmp_path):
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(ValueError, match=r"vcreg_distributed_stats=True needs a torch.distributed process group.*"
+                       r"torchrun.*or set vcreg_distributed_stats=False"):
+        trainer("hf_resnet", config(tmp_path, vcreg_distributed_stats=True))
+
+
+def test_a_config_changed_after_construction_is_checked_again_by_the_trainer(tmp_path):
+    args = config(tmp_path)
+    args.vcreg_max_rows = 1
+    with pytest.raises(ValueError, match=_message("vcreg_max_rows", 1, "integer >= 2")):
+        trainer("hf_resnet", args)
+
+
+def test_plain_training_arguments_are_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"args must be a VCRegConfig, got TrainingArguments"):
+        VCRegTrainer(model=nn.Linear(2, 2), args=TrainingArguments(output_dir=str(tmp_path)))
+
+
+# --------------------------------------------------------------------------------------- the saved config reproduces
+CARD_ROW = re.compile(r"^\| `(vcreg_\w+)` \| (.*) \|$", re.MULTILINE)
+
+
+def _card_value(text: str):
+    if text.startswith("`") and text.endswith("`"):
+        inner = text[1:-1]
+        return {"None": None, "True": True, "False": False}.get(inner, inner)
+    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+
+
+def test_training_args_bin_and_model_card_reproduce_the_run(tmp_path):
+    vcreg = dict(
+        vcreg_alpha=0.3, vcreg_beta=0.7, vcreg_gamma=0.8, vcreg_eps=2e-4, vcreg_delta=0.05, vcreg_max_rows=16,
+        vcreg_layers=r"resnet\.encoder\.stages\.\d+", vcreg_layer_reduction="sum", vcreg_implementation="loss",
+        vcreg_log_per_layer=True,
+    )
+    a = trainer("hf_resnet", config(tmp_path / "a", max_steps=4, save_steps=4, **vcreg))
+    a.train()
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    saved = torch.load(checkpoint / "training_args.bin", weights_only=False)
+    assert type(saved) is VCRegConfig and saved.vcreg_dict() == a.args.vcreg_dict()
+    assert {k: v for k, v in saved.vcreg_dict().items() if k in vcreg} == vcreg
+    # Rebuild the trainer from the saved config alone (same initial model): the same run, the same weights.
+    saved.output_dir = str(tmp_path / "b")
+    b = trainer("hf_resnet", saved)
+    b.train()
+    assert max_weight_diff(weights(a.model), weights(b.model)) <= 1e-6
+    assert b.state.log_history[-2]["vcreg/penalty"] == a.state.log_history[-2]["vcreg/penalty"]
+    # The model card lists every vcreg_* field; its values rebuild the same VCReg configuration.
+    card = (checkpoint / "README.md").read_text()
+    from_card = {name: _card_value(value) for name, value in CARD_ROW.findall(card)}
+    assert from_card == a.args.vcreg_dict()
+    assert VCRegConfig(output_dir=str(tmp_path / "c"), **from_card).vcreg_dict() == a.args.vcreg_dict()

@@ -1,0 +1,151 @@
+"""Kill mid-save and mid-push: a SIGKILLed run loses nothing that was complete, and resumes.
+
+Saving: ``tests/_kill_train.py`` trains a tiny ResNet (checkpoints at steps 2, 4, 6) in forked children that
+SIGKILL themselves halfway through writing one file of the step-4 checkpoint: the weights
+(``model.safetensors``), the optimizer (``optimizer.pt``) or the trainer state (``trainer_state.json``, written
+last). ``VCRegTrainer`` stages every checkpoint in ``_incomplete-checkpoint-N/`` and renames it when complete,
+so the killed run leaves ``checkpoint-2`` intact and no ``checkpoint-4``; the upstream ``Trainer`` (same kill)
+leaves a half-written ``checkpoint-4`` that ``get_last_checkpoint`` picks.
+
+Pushing: a ``push_to_hub`` subprocess is SIGKILLed while its LFS upload is in flight (the local Hub server
+answers the upload with retryable errors, so the client is provably mid-upload); the repo must still be at
+the previous commit, byte for byte, and a retry must complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _kill_train import config, max_weight_diff, trainer, weights
+from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_vcreg import VCRegTrainer
+from hf_vcreg.trainer import last_complete_checkpoint
+
+HELPER = str(Path(__file__).with_name("_kill_train.py"))
+MODEL = "hf_resnet"
+KILL_POINTS = ("model", "optimizer", "trainer_state")
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """Run every kill scenario once (one subprocess, a forked child each): ``(root, {scenario: exit code})``."""
+    root = tmp_path_factory.mktemp("killed")
+    scenarios = [f"vcreg:{k}" for k in KILL_POINTS] + ["plain:optimizer", "plain:trainer_state"]
+    proc = subprocess.run(
+        [sys.executable, HELPER, str(root), MODEL, *scenarios], capture_output=True, text=True, timeout=600
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("EXIT_CODES ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, json.loads(lines[0][len("EXIT_CODES ") :])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same training, uninterrupted, in this process: its checkpoint-2 weights and final weights."""
+    out = tmp_path_factory.mktemp("reference")
+    t = trainer(MODEL, config(out))
+    t.train()
+    return load_file(str(out / "checkpoint-2" / "model.safetensors")), weights(t.model)
+
+
+def _entries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_sigkill_mid_save_keeps_previous_checkpoint_and_resume_matches_uninterrupted_run(
+    killed, reference, kill_at, monkeypatch
+):
+    root, codes = killed
+    out = root / f"vcreg-{kill_at}"
+    assert codes[f"vcreg:{kill_at}"] == -9  # really killed by SIGKILL, during the step-4 save
+    assert _entries(out) == ["_incomplete-checkpoint-4", "checkpoint-2"]
+    assert len(list((out / "_incomplete-checkpoint-4" / "checkpoint-4").iterdir())) >= 2  # the kill was mid-save
+    # Both resolvers, ours and the one example scripts call, see only the complete checkpoint.
+    assert last_complete_checkpoint(out) == get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
+    ref_ckpt2, ref_final = reference
+    assert max_weight_diff(load_file(str(out / "checkpoint-2" / "model.safetensors")), ref_ckpt2) == 0.0
+
+    loaded_from = []
+    original = VCRegTrainer._load_from_checkpoint
+    monkeypatch.setattr(
+        VCRegTrainer, "_load_from_checkpoint", lambda self, path, *a: (loaded_from.append(path), original(self, path, *a))
+    )
+    t = trainer(MODEL, config(out), model_seed=7)
+    t.train(resume_from_checkpoint=True)
+    assert loaded_from == [str(out / "checkpoint-2")]
+    assert max_weight_diff(weights(t.model), ref_final) <= 1e-6
+    assert _entries(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # the staged leftovers are gone
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-6")
+
+
+@pytest.mark.parametrize("kill_at", ["optimizer", "trainer_state"])
+def test_upstream_trainer_killed_mid_save_leaves_half_written_checkpoint_that_we_skip(killed, kill_at, monkeypatch):
+    root, codes = killed
+    out = root / f"plain-{kill_at}"
+    assert codes[f"plain:{kill_at}"] == -9
+    half = out / "checkpoint-4"
+    assert _entries(out) == ["checkpoint-2", "checkpoint-4"]
+    # Upstream's resolver picks the half-written folder ...
+    assert get_last_checkpoint(str(out)) == str(half)
+    if kill_at == "optimizer":
+        assert not (half / "trainer_state.json").exists()
+        with pytest.raises(Exception):  # truncated pickle
+            torch.load(half / "optimizer.pt", weights_only=True)
+    else:
+        with pytest.raises(json.JSONDecodeError):
+            json.loads((half / "trainer_state.json").read_text())
+    # ... ours skips it, and an explicit path to it is refused before any work, naming the complete one.
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-2")
+    t = trainer(MODEL, config(out))
+    with pytest.raises(ValueError, match=r"is not a complete checkpoint.*checkpoint-2"):
+        t.train(resume_from_checkpoint=str(half))
+    loaded_from = []
+    original = VCRegTrainer._load_from_checkpoint
+    monkeypatch.setattr(
+        VCRegTrainer, "_load_from_checkpoint", lambda self, path, *a: (loaded_from.append(path), original(self, path, *a))
+    )
+    t.train(resume_from_checkpoint=True)
+    assert loaded_from == [str(out / "checkpoint-2")] and t.state.global_step == 6
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-6")
+    assert json.loads((half / "trainer_state.json").read_text())["global_step"] == 4  # rewritten, complete
+
+
+def test_resume_true_without_a_complete_checkpoint_is_refused(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3, "log_hi')
+    t = trainer(MODEL, config(tmp_path))
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint=True: no complete checkpoint-N .* output_dir="):
+        t.train(resume_from_checkpoint=True)
+    assert t.state.global_step == 0
+
+
+def test_atomic_checkpoints_keep_rotation_and_best_model_paths(tmp_path):
+    """The staged save must not change what the Trainer keeps: save_total_limit, best_model_checkpoint."""
+    from _kill_train import dataset
+
+    args = config(
+        tmp_path,
+        save_total_limit=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+    )
+    t = trainer(MODEL, args, eval_dataset=dataset(8, seed=1))
+    t.train()
+    best = t.state.best_model_checkpoint
+    assert best is not None and Path(best).parent == tmp_path and Path(best).name.startswith("checkpoint-")
+    assert os.path.isdir(best) and "_incomplete" not in best
+    assert json.loads((Path(best) / "trainer_state.json").read_text())["best_model_checkpoint"] == best
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("_incomplete")]
+    # save_total_limit=1 with a best checkpoint: the Trainer keeps only the best one at the end
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")] == [Path(best).name]
