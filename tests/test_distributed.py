@@ -138,6 +138,13 @@ def _first_tensor(output):
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
+def _sample_matrix(module, output) -> torch.Tensor:
+    """A block output as its ``(n, d)`` sample matrix (every token / position a row)."""
+    x = _first_tensor(output)
+    axis = feature_axis(module, x)
+    return samples_view(x, axis).reshape(-1, x.shape[axis])
+
+
 def _layer_penalty(z, alpha, beta):
     return alpha * variance_loss(z) + beta * covariance_loss(z)
 
@@ -161,8 +168,7 @@ def reference_updates(model_kind, steps, *, global_stats, layers, alpha=1.0, bet
     for micro, rank_batches in enumerate(steps):
         outputs = {n: [] for n in names}
         handles = [
-            modules[n].register_forward_hook(lambda m, a, o, n=n: outputs[n].append(samples_view(
-                _first_tensor(o), feature_axis(m, _first_tensor(o))).reshape(-1, _first_tensor(o).shape[feature_axis(m, _first_tensor(o))])))
+            modules[n].register_forward_hook(lambda m, a, o, n=n: outputs[n].append(_sample_matrix(m, o)))
             for n in names
         ]
         task = []
@@ -179,9 +185,8 @@ def reference_updates(model_kind, steps, *, global_stats, layers, alpha=1.0, bet
             if global_stats:
                 per_layer.append(_layer_penalty(z, alpha, beta))
             else:
-                per_layer.append(
-                    torch.stack([_layer_penalty(zr, alpha, beta) if zr.shape[0] >= 2 else zr.sum() * 0 for zr in outputs[n]]).mean()
-                )
+                per_rank = [_layer_penalty(zr, alpha, beta) if zr.shape[0] >= 2 else zr.sum() * 0 for zr in outputs[n]]
+                per_layer.append(torch.stack(per_rank).mean())
         stats.append(step_stats)
         loss = torch.stack(task).mean() + torch.stack(per_layer).mean()
         for acc, g in zip(accumulated, torch.autograd.grad(loss, params)):
@@ -372,14 +377,14 @@ def test_ddp_evaluate_returns_global_vcreg_metrics(ddp_results):
         for step in batches:
             captured = {n: [] for n in names}
             modules = dict(model.named_modules())
-            handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: captured[n].append(_first_tensor(o)))
+            handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: captured[n].append(_sample_matrix(m, o)))
                        for n in names]
             for x, _ in step:
                 model(pixel_values=x)
             for h in handles:
                 h.remove()
             for n in names:
-                z = torch.cat(captured[n]).reshape(-1, captured[n][0].shape[-1])
+                z = torch.cat(captured[n])
                 expected[n].append((variance_loss(z).item(), covariance_loss(z).item()))
     v_mean = np.mean([np.mean([expected[n][s][0] for n in names]) for s in range(len(batches))])
     for r in results:
