@@ -153,12 +153,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             json.dump(results[run], f, indent=2)
 
     print(f"\nmodel={model_args.model_name} data={data_args.dataset_name or data_args.train_dir or 'digits'} seed={config.seed}")
-    print(f"{'run':<10}{'eval_accuracy':>15}{'eval_task_loss':>16}{'eval_vcreg/variance':>21}{'eval_vcreg/covariance':>23}")
+    columns = ["eval_accuracy", "eval_task_loss", "eval_vcreg/variance", "eval_vcreg/covariance"]
+    print("run       " + "".join(f"{c:>24}" for c in columns))
     for run, m in results.items():
-        print(
-            f"{run:<10}{m.get('eval_accuracy', float('nan')):>15.4f}{m.get('eval_task_loss', float('nan')):>16.4f}"
-            f"{m.get('eval_vcreg/variance', float('nan')):>21.4f}{m.get('eval_vcreg/covariance', float('nan')):>23.6f}"
-        )
+        print(f"{run:<10}" + "".join(f"{m[c]:>24.4f}" if c in m else f"{'-':>24}" for c in columns))
     return results
 
 
