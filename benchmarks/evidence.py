@@ -805,7 +805,8 @@ HEADLINES = {
                  ("train_cdnv", "CDNV train"), ("train_nc1", "NC1 train"),
                  ("penultimate_effective_rank", "penultimate effective rank")],
     "starvation": [("test_accuracy", "test acc."), ("dominant_shuffled_accuracy", "acc. with x0 shuffled"),
-                   ("dominant_zeroed_accuracy", "acc. with x0 = 0"), ("minor_shuffled_accuracy", "acc. with x1 shuffled")],
+                   ("dominant_zeroed_accuracy", "acc. with x0 = 0"), ("minor_shuffled_accuracy", "acc. with x1 shuffled"),
+                   ("minor_feature_reliance", "acc. lost when x1 is shuffled (test acc. − acc. with x1 shuffled)")],
     "ablations": [("fine_probe_accuracy", "fine-class linear probe acc."), ("source_test_accuracy", "superclass test acc."),
                   ("penultimate_effective_rank", "penultimate effective rank")],
     "sweep": [("fine_probe_accuracy", "fine-class linear probe acc."), ("source_test_accuracy", "superclass test acc.")],
@@ -840,8 +841,13 @@ def _fmt(x: float, pct: bool) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3g}"
 
 
+def is_fraction(metric: str) -> bool:
+    """Metrics shown in percent (points): accuracies and accuracy differences."""
+    return "accuracy" in metric or metric.endswith("_reliance")
+
+
 def markdown_table(res: dict, metric: str, label: str) -> str:
-    pct = "accuracy" in metric
+    pct = is_fraction(metric)
     agg = aggregate(res["runs"], metric)
     if not agg:
         return ""

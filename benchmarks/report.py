@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .evidence import HEADLINES, aggregate, markdown_table, plot_summary
+from .evidence import HEADLINES, aggregate, is_fraction, markdown_table, plot_summary
 
 # The comparison shown in the key table: (experiment, metric, label, what "+" means).
 KEY_ROWS = [
@@ -28,6 +28,8 @@ KEY_ROWS = [
     ("collapse", "test_nc1", "Neural collapse: NC1 of test features", "less collapse"),
     ("collapse", "penultimate_effective_rank", "Effective rank of penultimate features", "more diverse"),
     ("starvation", "dominant_shuffled_accuracy", "Gradient starvation: acc. with dominant feature shuffled (%)", "less starvation"),
+    ("starvation", "minor_feature_reliance", "Gradient starvation: acc. lost when minor feature x1 is shuffled (pts)",
+     "more use of x1"),
 ]
 
 
@@ -52,6 +54,10 @@ def load(results: Path) -> dict[str, dict]:
     for p in sorted(results.glob("*.json")):
         res = json.loads(p.read_text())
         if "experiment" in res and "runs" in res:
+            if res["experiment"] == "starvation":
+                for run in res["runs"]:  # derived: accuracy lost when the minor (moon) coordinate x1 is shuffled
+                    m = run["metrics"]
+                    m["minor_feature_reliance"] = m["test_accuracy"] - m["minor_shuffled_accuracy"]
             out[res["experiment"]] = res
     return out
 
@@ -67,7 +73,7 @@ def key_table(res: dict[str, dict], variant_of: dict[str, str] | None = None) ->
         if exp not in res:
             continue
         agg = aggregate(res[exp]["runs"], metric)
-        pct = "accuracy" in metric
+        pct = is_fraction(metric)
         models = sorted({m for m, _ in agg})
         for model in models:
             base = agg.get((model, "baseline"))
