@@ -64,6 +64,14 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def _check_2d(z: torch.Tensor) -> None:
     assert z.dim() == 2, f"expected a (n, d) sample matrix, got shape {tuple(z.shape)}"
     assert z.shape[0] >= 2, f"need at least 2 samples (rows) for a covariance, got shape {tuple(z.shape)}"
+    assert z.shape[1] >= 1, f"need at least 1 feature (column), got shape {tuple(z.shape)}"
+
+
+def _check_input(x: torch.Tensor, axis: int) -> None:
+    """A block output for :class:`VCRegFunction` / :func:`explicit_penalty`: floating point, a real feature axis."""
+    assert x.is_floating_point(), f"expected a floating-point tensor, got dtype {x.dtype} (shape {tuple(x.shape)})"
+    assert -x.dim() <= axis < x.dim(), f"feature axis {axis} is out of range for shape {tuple(x.shape)}"
+    assert x.shape[axis] >= 1, f"feature axis {axis} of shape {tuple(x.shape)} is empty: no features"
 
 
 def covariance_matrix(z: torch.Tensor) -> torch.Tensor:
@@ -214,6 +222,7 @@ class VCRegFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, axis, rows, spec, group):
+        _check_input(x, axis)
         with _no_autocast(x.device):
             return VCRegFunction._forward(ctx, x, axis, rows, spec, group)
 
@@ -267,6 +276,7 @@ class VCRegFunction(torch.autograd.Function):
 
 
 def explicit_penalty(x, axis, rows, spec, group):
+    _check_input(x, axis)
     with _no_autocast(x.device):
         return _explicit_penalty(x, axis, rows, spec, group)
 
