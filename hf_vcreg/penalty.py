@@ -163,10 +163,17 @@ class VCRegSpec:
     grad_multiplier: float = 1.0
 
 
-def _moments(samples: torch.Tensor, rows: torch.Tensor | None, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# Largest |mean| / std of every feature for which the backward skips centring (see VCRegFunction._forward).
+_MAX_MEAN_OVER_STD = 100.0
+
+
+def _moments(
+    samples: torch.Tensor, rows: torch.Tensor | None, group, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Count, mean and centred sample matrix ``(n, mu, Zc)`` of a feature-last view, global over ``group``.
 
-    ``Zc`` is a fresh float32 (float64) matrix of the rows used; ``n`` is a 0-d tensor of the global count.
+    ``Zc`` is a fresh ``(rows used, d)`` matrix in ``dtype`` (default: float32, float64 for float64 input), made
+    in one pass (subtract and cast); ``mu`` is float32 (float64); ``n`` is a 0-d tensor of the global count.
     """
     d = samples.shape[-1]
     sdt = _stat_dtype(samples.dtype)
@@ -182,9 +189,58 @@ def _moments(samples: torch.Tensor, rows: torch.Tensor | None, group) -> tuple[t
     else:
         n = total.new_tensor(float(n_local))
     mu = total / n.clamp(min=1)
-    zc = torch.empty((*samples.shape[:-1], d), dtype=sdt, device=samples.device)
+    return n, mu, _centred(samples, mu, dtype or sdt)
+
+
+def _centred(samples: torch.Tensor, mu: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``samples - mu`` as a fresh contiguous ``(n, d)`` matrix in ``dtype`` (one pass: subtract and cast)."""
+    zc = torch.empty(samples.shape, dtype=dtype, device=samples.device)
     torch.sub(samples, mu, out=zc)
-    return n, mu, zc.view(-1, d)
+    return zc.view(-1, samples.shape[-1])
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Half-precision input dtype for the statistics' matmuls, or ``None`` for float32 (float64) matmuls.
+
+    Under CUDA autocast the two matmuls of a layer (``Zc^T Zc`` and ``Zc G``) run on tensor cores in the autocast
+    dtype with float32 accumulation and a float32 result (``torch.mm(..., out_dtype=float32)``): ``Zc`` and ``G``
+    are rounded to bfloat16 / float16 (a relative error of 2^-9 / 2^-12 per entry), never the sums. Everything
+    else (means, centring, the penalty) stays float32. Elsewhere, and on the CPU (no float32-output half
+    matmul there), the matmuls are float32 (float64 for float64 input).
+    """
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and x.dtype != torch.float64:
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with the result in ``out_dtype``; half-precision inputs accumulate in float32."""
+    if a.dtype == out_dtype or a.dtype in (torch.float32, torch.float64):
+        return (a @ b).to(out_dtype)
+    if a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=out_dtype)
+    # CPU (tests of the CUDA path): products of half-precision values are exact in float32, as on tensor cores.
+    return (a.float() @ b.float()).to(out_dtype)
+
+
+def _gram(zc: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``Zc^T Zc`` of a ``(n, d)`` matrix, each off-diagonal block computed once.
+
+    On the CPU, with ``n >= 4 d`` and ``d >= 128``, the columns are split into ``k = min(4, d // 64)`` blocks and
+    block row ``i`` is ``Zc[:, i]^T Zc[:, i:]``: ``(k + 1) / (2 k)`` of the multiply-adds of one full product
+    (the other triangle is a copy). Elsewhere (GPU: fewer launches matter more) one full product.
+    """
+    n, d = zc.shape
+    k = min(4, d // 64) if (zc.device.type == "cpu" and n >= 4 * d) else 1
+    if k < 2:
+        return _mm(zc.T, zc, out_dtype)
+    c = torch.empty((d, d), dtype=out_dtype, device=zc.device)
+    edges = [round(i * d / k) for i in range(k + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        block = _mm(zc[:, lo:hi].T, zc[:, lo:], out_dtype)
+        c[lo:hi, lo:] = block
+        c[hi:, lo:hi] = block[:, hi - lo :].T
+    return c
 
 
 def _penalty_and_grad_matrix(c: torch.Tensor, spec: VCRegSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,8 +253,8 @@ def _penalty_and_grad_matrix(c: torch.Tensor, spec: VCRegSpec) -> tuple[torch.Te
         off = c.clone()
         off.diagonal().zero_()
         k = _huber(off, spec.delta).sum() / (d * (d - 1))
-        dh = 2 * (off if spec.delta is None else off.clamp(-spec.delta, spec.delta))
-        g = dh.mul_(spec.beta / (d * (d - 1)))
+        g = off if spec.delta is None else off.clamp_(-spec.delta, spec.delta)
+        g.mul_(2 * spec.beta / (d * (d - 1)))
     else:
         k = c.new_zeros(())
         g = torch.zeros_like(c)
@@ -223,50 +279,81 @@ class VCRegFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, axis, rows, spec, group):
         _check_input(x, axis)
+        matmul_dtype = _matmul_dtype(x)  # read before autocast is switched off
         with _no_autocast(x.device):
-            return VCRegFunction._forward(ctx, x, axis, rows, spec, group)
+            return VCRegFunction._forward(ctx, x, axis, rows, spec, group, matmul_dtype)
 
     @staticmethod
-    def _forward(ctx, x, axis, rows, spec, group):
+    def _forward(ctx, x, axis, rows, spec, group, matmul_dtype):
         samples = samples_view(x, axis)
-        n, mu, zc = _moments(samples, rows, group)
-        cov = zc.T @ zc
+        sdt = _stat_dtype(x.dtype)
+        if matmul_dtype is None:
+            n, mu, zc = _moments(samples, rows, group)
+        else:
+            n, mu, zc = _moments(samples, rows, group, matmul_dtype)
+        cov = _gram(zc, sdt)
+        del zc  # the only copy of the activation is gone before the penalty is computed
         if group is not None:
             dist.all_reduce(cov, group=group)
-        cov = cov / (n - 1).clamp(min=1)
+        cov.div_((n - 1).clamp(min=1))
         v, k, g = _penalty_and_grad_matrix(cov, spec)
         valid = (n >= 2) & torch.isfinite(cov).all()
         penalty = torch.where(valid, spec.weight * (spec.alpha * v + spec.beta * k), 0.0)
-        scale = spec.weight * spec.grad_multiplier * 2 / (n - 1).clamp(min=1)
-        ctx.g = torch.where(valid, g * scale, 0.0)
-        ctx.mu, ctx.axis, ctx.rows, ctx.valid = mu, axis, rows, valid
+        g.mul_(spec.weight * spec.grad_multiplier * 2 / (n - 1).clamp(min=1))
+        # On the CPU the validity is known without a device sync: an invalid layer then skips the backward work.
+        ctx.valid_host = bool(valid) if valid.device.type == "cpu" else None
+        # The backward may use Z G - 1 (mu^T G) instead of a centred copy when that loses little: its rounding error,
+        # relative to the result, grows like |mu| / sigma (1e-5 in float32 at |mu| = 100 sigma; checked on the CPU).
+        ctx.uncentred_ok = bool(ctx.valid_host and (mu.square() <= _MAX_MEAN_OVER_STD**2 * torch.diagonal(cov)).all())
+        ctx.g = g if ctx.valid_host is not False else None
+        ctx.mu, ctx.axis, ctx.rows, ctx.valid, ctx.matmul_dtype = mu, axis, rows, valid, matmul_dtype
         ctx.save_for_backward(x)
         ctx.mark_non_differentiable(v, k, valid)
         return x.view_as(x), penalty, v.detach(), k.detach(), valid
 
     @staticmethod
     def backward(ctx, grad_x, grad_penalty, *unused):
-        with _no_autocast(grad_penalty.device if grad_penalty is not None else ctx.g.device):
+        with _no_autocast(ctx.valid.device):
             return VCRegFunction._backward(ctx, grad_x, grad_penalty)
 
     @staticmethod
     def _backward(ctx, grad_x, grad_penalty):
         (x,) = ctx.saved_tensors
-        if grad_penalty is None:
+        if grad_penalty is None or ctx.valid_host is False:
             return grad_x, None, None, None, None
-        samples = samples_view(x, ctx.axis)
-        d = samples.shape[-1]
-        if ctx.rows is not None:
-            index = torch.unravel_index(ctx.rows, samples.shape[:-1])
-            zc = samples[index].to(ctx.g.dtype) - ctx.mu
-        else:
-            zc = torch.empty(samples.shape, dtype=ctx.g.dtype, device=x.device)
-            torch.sub(samples, ctx.mu, out=zc)
-            zc = zc.view(-1, d)
-        # G is 0 for an invalid layer, but a non-finite Zc would still turn 0 into NaN: mask the product.
-        extra = torch.where(ctx.valid, zc @ (ctx.g * grad_penalty), 0.0).to(x.dtype)
         if grad_x is None:
             grad_x = torch.zeros_like(x)
+        g = ctx.g * grad_penalty
+        samples = samples_view(x, ctx.axis)
+        d = samples.shape[-1]
+        if (
+            ctx.rows is None
+            and ctx.matmul_dtype is None
+            and x.dtype == g.dtype
+            and ctx.axis == x.dim() - 1
+            and x.is_contiguous()
+            and grad_x.is_contiguous()
+        ):
+            # Feature-last float32/float64 (transformer tokens): one matmul that also adds the incoming gradient.
+            # Zc G = Z G - 1 (mu^T G): no centred copy, one pass for the mean's row, when the mean is moderate.
+            if ctx.uncentred_ok:
+                grad_in = torch.addmm(grad_x.view(-1, d), x.view(-1, d), g)
+                grad_in.sub_(ctx.mu @ g)
+            else:
+                grad_in = torch.addmm(grad_x.view(-1, d), _centred(samples, ctx.mu, g.dtype), g)
+            if ctx.valid_host is None:  # GPU: mask without a sync (a non-finite Z would turn G = 0 into NaN)
+                grad_in = torch.where(ctx.valid, grad_in, grad_x.view(-1, d))
+            return grad_in.view(x.shape), None, None, None, None
+        mm_dtype = ctx.matmul_dtype or g.dtype
+        if ctx.rows is not None:
+            index = torch.unravel_index(ctx.rows, samples.shape[:-1])
+            zc = _centred(samples[index], ctx.mu, mm_dtype)
+        else:
+            zc = _centred(samples, ctx.mu, mm_dtype)
+        extra = _mm(zc, g.to(mm_dtype), x.dtype)
+        del zc
+        if ctx.valid_host is None:  # GPU: mask without a sync (a non-finite Zc would turn G = 0 into NaN)
+            extra = torch.where(ctx.valid, extra, 0.0)
         if ctx.rows is not None:
             grad_in = grad_x.clone()
             samples_view(grad_in, ctx.axis).index_put_(index, extra, accumulate=True)

@@ -1,0 +1,217 @@
+"""The fast paths of ``VCRegFunction`` give the gradient of the written loss.
+
+Paths pinned here (see benchmarks/PERFORMANCE.md for why they exist):
+
+* the symmetric blocked Gram ``Zc^T Zc`` (CPU, ``n >= 4 d``, ``d >= 128``: each off-diagonal block once);
+* the feature-last backward without a centred copy (``Zc G = Z G - 1 mu^T G``, one ``addmm``);
+* the generic backward (channels-first maps, row subsets, non-contiguous tensors);
+* the half-precision matmul path used under CUDA autocast (tensor cores, float32 accumulation), run here on the
+  CPU through the same code with the half-precision products emulated exactly in float32.
+
+No timing assertions: speed is measured by benchmarks/overhead.py and benchmarks/scaling.py.
+"""
+
+import pytest
+import torch
+
+import hf_vcreg.penalty as penalty
+from hf_vcreg import VCRegFunction, VCRegSpec, vcreg_loss
+
+
+def _reference(x, axis, rows, spec, w):
+    """Gradient of ``sum(x * w) + 3 * weight * penalty`` by autograd through the explicit loss, in float64."""
+    x = x.detach().double().requires_grad_()
+    z = x.movedim(axis, -1).reshape(-1, x.shape[axis])
+    if rows is not None:
+        z = z[rows]
+    pen, v, k = vcreg_loss(z, spec.alpha, spec.beta, spec.gamma, spec.eps, spec.delta)
+    ((x * w.double()).sum() + 3.0 * spec.weight * pen).backward()
+    return x.grad, spec.weight * pen.detach()
+
+
+def _ours(x, axis, rows, spec, w, autocast=False):
+    x = x.detach().clone().requires_grad_()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        y, p, v, k, valid = VCRegFunction.apply(x, axis, rows, spec, None)
+    ((y * w.to(y.dtype)).sum() + 3.0 * p).backward()
+    assert bool(valid)
+    return x.grad, p.detach()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("d,k", [(128, 2), (192, 3), (320, 4), (100, 1)])
+def test_blocked_gram_equals_full_product_float64(d, k):
+    torch.manual_seed(d)
+    n = 4 * d + 3
+    zc = torch.randn(n, d, dtype=torch.float64)
+    assert min(4, d // 64) == k  # the block count the rule picks for this width
+    torch.testing.assert_close(penalty._gram(zc, torch.float64), zc.T @ zc, rtol=1e-12, atol=1e-12)
+
+
+def test_blocked_gram_is_exactly_symmetric():
+    zc = torch.randn(900, 192)
+    c = penalty._gram(zc, torch.float32)
+    assert torch.equal(c, c.T)
+
+
+SPEC = VCRegSpec(alpha=0.7, beta=1.3, gamma=1.0, eps=1e-4, weight=0.5)
+
+# (shape, axis): feature-last tokens wide enough for the blocked Gram; a channels-first map; a video map
+WIDE = [((6, 100, 128), 2), ((5, 128, 6, 5), 1), ((2, 3, 4, 5, 128), 4)]
+
+
+@pytest.mark.parametrize("shape,axis", WIDE)
+@pytest.mark.parametrize("delta", [None, 0.02])
+@pytest.mark.parametrize("subset", [False, True])
+def test_fast_paths_equal_autograd_float64(shape, axis, delta, subset):
+    torch.manual_seed(7)
+    # a mean far from 0 exercises the backward's mean row (Z G - 1 mu^T G) and the forward's centring
+    x = torch.randn(*shape, dtype=torch.float64) * 0.6 + 4.0
+    n = x.numel() // shape[axis]
+    rows = torch.randperm(n)[: n // 2].sort().values if subset else None
+    spec = VCRegSpec(alpha=0.7, beta=1.3, delta=delta, weight=0.5)
+    w = torch.randn_like(x)
+    grad, p = _ours(x, axis, rows, spec, w)
+    expected, p_ref = _reference(x, axis, rows, spec, w)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    assert p.item() == pytest.approx(p_ref.item(), rel=1e-12)
+
+
+def test_non_contiguous_input_and_gradient_take_the_generic_path_float64():
+    torch.manual_seed(8)
+    base = torch.randn(130, 6, 128, dtype=torch.float64) + 1.0
+    x = base.transpose(0, 1)  # (6, 130, 128), feature last but not contiguous
+    assert not x.is_contiguous()
+    w = torch.randn(130, 6, 128, dtype=torch.float64).transpose(0, 1)  # a non-contiguous incoming gradient
+    xr = x.detach().clone().requires_grad_()
+    y, p, *_ = VCRegFunction.apply(xr, 2, None, SPEC, None)
+    ((y * w).sum() + 3.0 * p).backward()
+    expected, _ = _reference(x, 2, None, SPEC, w)
+    torch.testing.assert_close(xr.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 65, 192), 2), ((16, 256, 4, 4), 1)])
+def test_float32_gradient_matches_float64_to_float32_rounding(shape, axis):
+    """The CPU goal's shapes (small ViT tokens; a ResNet stage) in float32: errors at float32 rounding."""
+    torch.manual_seed(9)
+    x = torch.randn(*shape) * 0.5 + 2.0
+    mix = torch.randn(shape[axis], shape[axis]) / shape[axis] ** 0.5  # correlated features: a real covariance term
+    x = (x.movedim(axis, -1) @ mix + 2.0).movedim(-1, axis).contiguous()
+    spec = VCRegSpec(alpha=1.0, beta=10.0, weight=1 / 12)
+    w = torch.zeros_like(x)  # the penalty's gradient alone (a large task gradient would hide its error)
+    grad, p = _ours(x, axis, None, spec, w)
+    expected, p_ref = _reference(x, axis, None, spec, w)
+    assert _rel(grad, expected) < 2e-5  # measured 2e-6 (tokens, uncentred backward) and 5e-7 (maps)
+    assert p.item() == pytest.approx(p_ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mean_over_std,bound", [(30.0, 2e-5), (300.0, 5e-5)])
+def test_float32_backward_centres_features_with_a_large_mean(mean_over_std, bound):
+    """Beyond |mu| = 100 sigma the uncentred backward (error ~ eps |mu| / sigma) gives way to a centred copy:
+    at 300 sigma the error stays 2e-5 (uncentred: 1.3e-4); what is left comes from the float32 forward."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 65, 192) + mean_over_std
+    spec = VCRegSpec(alpha=1.0, beta=10.0, weight=1 / 12)
+    w = torch.zeros_like(x)
+    grad, _ = _ours(x, 2, None, spec, w)
+    expected, _ = _reference(x, 2, None, spec, w)
+    assert _rel(grad, expected) < bound
+
+
+def test_cpu_bf16_autocast_on_wide_tokens_is_within_bf16_rounding():
+    torch.manual_seed(10)
+    x = (torch.randn(32, 65, 192) + 0.5).to(torch.bfloat16)
+    spec = VCRegSpec(alpha=1.0, beta=10.0, weight=1 / 12)
+    w = torch.zeros(x.shape)
+    grad, p = _ours(x, 2, None, spec, w, autocast=True)
+    expected, p_ref = _reference(x.float(), 2, None, spec, w)
+    assert grad.dtype == torch.bfloat16 and p.dtype == torch.float32
+    assert _rel(grad, expected) < 1e-2  # bf16: 8-bit mantissa, relative rounding 2^-8 per element
+    assert p.item() == pytest.approx(p_ref.item(), rel=1e-5)  # statistics stay float32 on the CPU
+
+
+@pytest.mark.parametrize("shape,axis,subset", [((8, 65, 192), 2, False), ((6, 128, 5, 5), 1, False),
+                                               ((8, 65, 192), 2, True)])
+def test_half_precision_matmul_path_is_within_bf16_rounding(monkeypatch, shape, axis, subset):
+    """The CUDA-autocast path (bf16 Zc and G, float32 accumulation), emulated on the CPU."""
+    monkeypatch.setattr(penalty, "_matmul_dtype", lambda x: torch.bfloat16)
+    torch.manual_seed(11)
+    x = torch.randn(*shape) * 0.7 + 3.0  # a large mean: the bf16 copy must be centred before rounding
+    n = x.numel() // shape[axis]
+    rows = torch.randperm(n)[: n // 3].sort().values if subset else None
+    spec = VCRegSpec(alpha=1.0, beta=10.0, weight=1 / 12)
+    w = torch.zeros_like(x)
+    grad, p = _ours(x, axis, rows, spec, w)
+    expected, p_ref = _reference(x, axis, rows, spec, w)
+    assert grad.dtype == torch.float32
+    assert _rel(grad, expected) < 1e-2
+    assert p.item() == pytest.approx(p_ref.item(), rel=1e-2)
+
+
+def test_half_precision_matmuls_are_actually_used(monkeypatch):
+    """Under the half-precision path both matmuls receive bf16 operands (and return float32)."""
+    monkeypatch.setattr(penalty, "_matmul_dtype", lambda x: torch.bfloat16)
+    seen = []
+    original = penalty._mm
+
+    def spy(a, b, out_dtype):
+        seen.append((a.dtype, b.dtype, out_dtype))
+        return original(a, b, out_dtype)
+
+    monkeypatch.setattr(penalty, "_mm", spy)
+    x = torch.randn(4, 65, 192, requires_grad=True)
+    y, p, *_ = VCRegFunction.apply(x, 2, None, SPEC, None)
+    (y.sum() + p).backward()
+    assert seen and all(a == b == torch.bfloat16 and o == torch.float32 for a, b, o in seen)
+
+
+def test_gradient_function_keeps_no_activation_sized_buffer():
+    """Between forward and backward only the block output itself (already kept by the next layer) and
+    d x d / d-sized statistics are held: no float32 copy of the activation stays alive."""
+    x = torch.randn(16, 65, 96, requires_grad=True)
+    y, p, *_ = VCRegFunction.apply(x, 2, None, SPEC, None)
+    node = p.grad_fn
+    assert len(node.saved_tensors) == 1 and node.saved_tensors[0].data_ptr() == x.data_ptr()
+    held = [v for v in vars(node).values() if isinstance(v, torch.Tensor)]
+    assert held and max(t.numel() for t in held) == 96 * 96
+
+
+def test_invalid_layer_backward_returns_the_incoming_gradient_unchanged():
+    x = torch.randn(40, 130)
+    x[5, 7] = float("nan")
+    x.requires_grad_()
+    w = torch.randn_like(x)
+    y, p, v, k, valid = VCRegFunction.apply(x, 1, None, SPEC, None)
+    ((y * w).sum() + p).backward()
+    assert not bool(valid)
+    assert torch.equal(x.grad, w)
+
+
+def test_statistics_matmuls_stay_float32_on_the_cpu_even_under_autocast():
+    """No float32-output half matmul exists on the CPU, so CPU autocast keeps float32 statistics."""
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert penalty._matmul_dtype(x) is None
+    assert penalty._matmul_dtype(x) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("shape,axis,dtype", [((8, 197, 768), 2, torch.float32), ((8, 256, 14, 14), 1, torch.bfloat16)])
+def test_cuda_autocast_tensor_core_statistics_are_within_bf16_rounding(shape, axis, dtype):
+    torch.manual_seed(12)
+    x = (torch.randn(*shape, device="cuda") * 0.7 + 1.5).to(dtype)
+    spec = VCRegSpec(alpha=1.0, beta=10.0, weight=1 / 12)
+    w = torch.zeros(shape, device="cuda")
+    xr = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert penalty._matmul_dtype(xr) == torch.bfloat16
+        y, p, v, k, valid = VCRegFunction.apply(xr, axis, None, spec, None)
+    ((y * w.to(y.dtype)).sum() + 3.0 * p).backward()
+    expected, p_ref = _reference(x.float(), axis, None, spec, w)
+    assert bool(valid) and p.dtype == torch.float32 and xr.grad.dtype == dtype
+    assert _rel(xr.grad, expected) < 1e-2
+    assert p.item() == pytest.approx(p_ref.item(), rel=1e-2)
