@@ -2,7 +2,7 @@
 
 As a module: :func:`dataset`, :func:`config`, :func:`trainer`, :func:`weights`, :func:`step_logs`.
 
-As a script (``python tests/_kill_train.py ROOT MODEL TRAINER:KILL_AT ...``): for each scenario, a forked child
+As a script, ``python tests/_kill_train.py save ROOT MODEL TRAINER:KILL_AT ...``: for each scenario, a forked child
 trains ``MODEL`` (a name of ``tests/_tiny_models.py``) for 6 steps with a checkpoint every 2 into
 ``ROOT/TRAINER-KILL_AT`` and SIGKILLs itself in the middle of writing one file of the step-4 checkpoint; the
 parent prints the children's exit codes (``-9``: killed) as ``EXIT_CODES {json}``. ``TRAINER`` is ``vcreg``
@@ -15,6 +15,10 @@ file and how it is cut:
 * ``none``: no kill (the run completes).
 
 The kill is real (``os.kill(os.getpid(), SIGKILL)``: no ``finally``, no atexit, no flush of Python buffers).
+
+``python tests/_kill_train.py push OUT REPO STATE_FILE GO_FILE`` (with the Hub server's environment) trains
+and pushes a tiny ResNet, writes that commit to ``STATE_FILE``, waits for ``GO_FILE``, changes the weights and
+pushes again; the test SIGKILLs it during that upload. ``... retry OUT REPO`` loads ``OUT`` and pushes it again.
 """
 
 from __future__ import annotations
@@ -155,33 +159,88 @@ def _run(output_dir: str, model: str, trainer_kind: str, kill_at: str, kill_step
     t.train()
 
 
-def main(argv: list[str]) -> None:
+def _push(out: str, repo: str, state_file: str, go_file: str) -> None:
+    """Push once (the "old" commit), write ``state_file``, wait for ``go_file``, change the weights, push again.
+
+    The test makes the Hub fail the second push's LFS upload (retryably) and SIGKILLs this process meanwhile.
+    """
+    import json
+    import time
+
+    t = trainer("hf_resnet", config(out, max_steps=2, save_strategy="no", push_to_hub=True, hub_model_id=repo))
+    t.train()
+    first = t.push_to_hub()
+    with open(state_file + ".tmp", "w") as f:
+        json.dump({"commit": first.oid}, f)
+    os.replace(state_file + ".tmp", state_file)
+    while not os.path.exists(go_file):
+        time.sleep(0.05)
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.add_(0.01)
+    t.push_to_hub()  # the test kills us while this upload is in flight
+    raise SystemExit("the second push was expected to be killed, but it returned")
+
+
+def _retry(out: str, repo: str) -> None:
+    """What a user does after the kill: load the saved model from ``out`` and push it again."""
+    import json
+
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(out)
+    args = config(out, save_strategy="no", push_to_hub=True, hub_model_id=repo)
+    commit = VCRegTrainer(model=model, args=args, train_dataset=dataset()).push_to_hub()
+    print("RESULT " + json.dumps({"commit": commit.oid}), flush=True)
+
+
+def _save_scenarios(root: str, model: str, scenarios: list[str], kill_step: int) -> None:
     """Run each ``TRAINER:KILL_AT`` scenario in a forked child (one import for all); print their exit codes."""
-    import argparse
     import json
     import traceback
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("root", help="scenario S writes to ROOT/S with ':' replaced by '-'")
-    parser.add_argument("model", help="a name of tests/_tiny_models.py")
-    parser.add_argument("scenarios", nargs="+", help="TRAINER:KILL_AT, TRAINER in {vcreg, plain}")
-    parser.add_argument("--kill_step", type=int, default=4)
-    opts = parser.parse_args(argv)
     codes = {}
-    for scenario in opts.scenarios:
+    for scenario in scenarios:
         trainer_kind, kill_at = scenario.split(":")
         pid = os.fork()
         if pid == 0:  # the child trains and (unless kill_at is "none") SIGKILLs itself mid-save
             code = 0
             try:
-                _run(os.path.join(opts.root, scenario.replace(":", "-")), opts.model, trainer_kind, kill_at, opts.kill_step)
+                _run(os.path.join(root, scenario.replace(":", "-")), model, trainer_kind, kill_at, kill_step)
             except BaseException:
                 traceback.print_exc()
                 code = 1
             os._exit(code)
         _, status = os.waitpid(pid, 0)
         codes[scenario] = os.waitstatus_to_exitcode(status)  # -9: killed by SIGKILL
-    print("EXIT_CODES " + json.dumps(codes))
+    print("EXIT_CODES " + json.dumps(codes), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    save = sub.add_parser("save", help="kill mid-save scenarios")
+    save.add_argument("root", help="scenario S writes to ROOT/S with ':' replaced by '-'")
+    save.add_argument("model", help="a name of tests/_tiny_models.py")
+    save.add_argument("scenarios", nargs="+", help="TRAINER:KILL_AT, TRAINER in {vcreg, plain}")
+    save.add_argument("--kill_step", type=int, default=4)
+    push = sub.add_parser("push", help="push, wait for GO_FILE, push changed weights (to be killed)")
+    push.add_argument("out")
+    push.add_argument("repo")
+    push.add_argument("state_file")
+    push.add_argument("go_file")
+    retry = sub.add_parser("retry", help="load OUT and push it again")
+    retry.add_argument("out")
+    retry.add_argument("repo")
+    opts = parser.parse_args(argv)
+    if opts.command == "save":
+        _save_scenarios(opts.root, opts.model, opts.scenarios, opts.kill_step)
+    elif opts.command == "push":
+        _push(opts.out, opts.repo, opts.state_file, opts.go_file)
+    else:
+        _retry(opts.out, opts.repo)
 
 
 if __name__ == "__main__":

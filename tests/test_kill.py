@@ -18,12 +18,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from _kill_train import config, max_weight_diff, trainer, weights
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vcreg import VCRegTrainer
@@ -40,7 +41,7 @@ def killed(tmp_path_factory):
     root = tmp_path_factory.mktemp("killed")
     scenarios = [f"vcreg:{k}" for k in KILL_POINTS] + ["plain:optimizer", "plain:trainer_state"]
     proc = subprocess.run(
-        [sys.executable, HELPER, str(root), MODEL, *scenarios], capture_output=True, text=True, timeout=600
+        [sys.executable, HELPER, "save", str(root), MODEL, *scenarios], capture_output=True, text=True, timeout=600
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("EXIT_CODES ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -149,3 +150,60 @@ def test_atomic_checkpoints_keep_rotation_and_best_model_paths(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("_incomplete")]
     # save_total_limit=1 with a best checkpoint: the Trainer keeps only the best one at the end
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")] == [Path(best).name]
+
+
+# ------------------------------------------------------------------------------------------------ kill mid-push
+def _wait_for(condition, proc, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the push process exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_push_leaves_the_hub_repo_at_the_previous_commit_and_a_retry_completes(
+    hub_server, hub_env, tmp_path
+):
+    repo, out = "test-user/kill-push", tmp_path / "out"
+    state, go = tmp_path / "pushed.json", tmp_path / "go"
+    with open(tmp_path / "push.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, HELPER, "push", str(out), repo, str(state), str(go)],
+            env=hub_env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for(state.exists, proc, 300, "the first push")
+        old = json.loads(state.read_text())["commit"]
+        assert hub_server.branch_head(repo) == old
+        old_files = hub_server.list_files(repo)
+        old_bytes = {path: hub_server.read_file(repo, path) for path in old_files}
+        old_history = hub_server.history(repo)
+        commits_before = len(hub_server.requests_to("commit"))
+        # The second push's LFS upload is answered 503 (retried by the client with back-off): it is in flight.
+        rule = hub_server.fail_next("lfs_upload", status=503, count=None)
+        go.touch()
+        _wait_for(lambda: rule.hits >= 1, proc, 120, "the second push's upload")
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    log_text = (tmp_path / "push.log").read_text()
+    assert proc.returncode == -9, log_text[-3000:]
+    # The repo is exactly at the old commit: same head, same files, same bytes, no new commit attempted.
+    assert hub_server.branch_head(repo) == old
+    assert hub_server.list_files(repo) == old_files and "model.safetensors" in old_files
+    assert {path: hub_server.read_file(repo, path) for path in old_files} == old_bytes
+    assert hub_server.history(repo) == old_history
+    assert len(hub_server.requests_to("commit")) == commits_before
+    # The local folder holds the new weights (saved before the upload began); a retry publishes them.
+    local = load_file(str(out / "model.safetensors"))
+    assert max_weight_diff(local, load(old_bytes["model.safetensors"])) == pytest.approx(0.01, rel=1e-3)
+    hub_server.clear_failures()
+    proc = subprocess.run(
+        [sys.executable, HELPER, "retry", str(out), repo], env=hub_env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    new = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])["commit"]
+    assert hub_server.branch_head(repo) == new != old
+    assert [c["id"] for c in hub_server.history(repo)] == [new] + [c["id"] for c in old_history]
+    assert max_weight_diff(load(hub_server.read_file(repo, "model.safetensors")), local) == 0.0
