@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kill_train import VCREG_KEYS, config, dataset, max_weight_diff, step_logs, trainer, weights
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 import hf_vcreg.trainer as trainer_module
 from hf_vcreg import VCRegTrainer
@@ -162,3 +162,29 @@ def test_plain_trainer_vit_resume_diverges_where_vcreg_trainer_matches(tmp_path,
     """
     a, b, *_ = run_and_resume(tmp_path, monkeypatch, "hf_vit", trainer_cls=Trainer, vcreg_max_rows=16)
     assert max_weight_diff(weights(a.model), weights(b.model)) > 1e-3
+
+
+class StopAt(TrainerCallback):
+    """Stops training after ``step`` (like a job's time limit): the checkpoint of that step is still written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_chained_resumes_across_epoch_boundaries_match_uninterrupted_run(tmp_path):
+    """12 steps = 2 epochs of 6; interrupted at step 4 (mid-epoch 1) and at step 8 (mid-epoch 2, stopped run)."""
+    kw = dict(max_steps=12, save_steps=4, vcreg_max_rows=16)
+    a = trainer("hf_resnet", config(tmp_path / "a", **kw))
+    a.train()
+    b = trainer("hf_resnet", config(tmp_path / "b", **kw), model_seed=3, callbacks=[StopAt(8)])
+    b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    assert b.state.global_step == 8
+    c = trainer("hf_resnet", config(tmp_path / "b", **kw), model_seed=4)
+    c.train(resume_from_checkpoint=True)  # picks b's checkpoint-8; the saved "stop" does not stop it again
+    assert c.state.global_step == 12
+    assert max_weight_diff(weights(a.model), weights(c.model)) <= 1e-6
+    assert_same_logs(a, c, VCREG_KEYS, first_step=9)
