@@ -703,7 +703,8 @@ def select_defaults(runs: list[dict], metric: str = "fine_probe_accuracy") -> di
         scores.setdefault(r["variant"], []).append(r["metrics"][metric])
     if not scores:
         return {}
-    table = {k: float(np.mean(v)) for k, v in scores.items()}
+    full = max(len(v) for v in scores.values())  # only variants measured on every (model, seed) compete
+    table = {k: float(np.mean(v)) for k, v in scores.items() if len(v) == full}
     best = max(table, key=table.get)
     base = [r["metrics"][metric] for r in runs if r["variant"] == "baseline"]
     cfg = next(r["vcreg"] for r in runs if r["variant"] == best)
@@ -891,8 +892,20 @@ def write_markdown(json_path: Path) -> Path:
     return path
 
 
-def plot_summary(out: Path) -> list[Path]:
-    """Bar charts (mean ± std over seeds) of the headline metric per experiment, and effective rank per block."""
+def _load_results(out: Path) -> dict[str, dict]:
+    """``{experiment: results}`` of every results file in ``out``."""
+    found = {}
+    for p in sorted(Path(out).glob("*.json")):
+        res = json.loads(p.read_text())
+        if "experiment" in res and "runs" in res:
+            found[res["experiment"]] = res
+    return found
+
+
+def plot_summary(out: Path, results: dict[str, dict] | None = None) -> list[Path]:
+    """Bar charts (mean ± std over seeds) of the headline metric per experiment, effective rank per block, sweep
+    heatmap; from ``results`` (``{experiment: results}``) or, if None, the results files in ``out``."""
+    results = _load_results(out) if results is None else results
     import matplotlib
 
     matplotlib.use("Agg")
@@ -903,10 +916,8 @@ def plot_summary(out: Path) -> list[Path]:
     for exp, metric in [("hierarchical", "fine_probe_accuracy"), ("cross_dataset", "target_probe_accuracy"),
                         ("long_tail", "source_test_accuracy"), ("long_tail", "few_shot_accuracy"),
                         ("collapse", "test_cdnv"), ("starvation", "dominant_shuffled_accuracy")]:
-        p = out / f"{exp}.json"
-        if p.exists():
-            res = json.loads(p.read_text())
-            agg = aggregate(res["runs"], metric)
+        if exp in results:
+            agg = aggregate(results[exp]["runs"], metric)
             if agg:
                 panels.append((exp, metric, agg))
     if panels:
@@ -923,9 +934,8 @@ def plot_summary(out: Path) -> list[Path]:
             ax.ticklabel_format(axis="y", useOffset=False)
             ax.set_title(f"{exp}\n{metric}", fontsize=8)
         made.append(_save_figure(fig, out / "summary.png"))
-    p = out / "collapse.json"
-    if p.exists():
-        res = json.loads(p.read_text())
+    if "collapse" in results:
+        res = results["collapse"]
         models = sorted({r["model"] for r in res["runs"]})
         fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.4), squeeze=False)
         for ax, model in zip(axes[0], models):
@@ -943,9 +953,8 @@ def plot_summary(out: Path) -> list[Path]:
             ax.set_xlabel("block")
             ax.legend(fontsize=7)
         made.append(_save_figure(fig, out / "effective_rank_per_block.png"))
-    p = out / "sweep.json"
-    if p.exists():
-        res = json.loads(p.read_text())
+    if "sweep" in results:
+        res = results["sweep"]
         models = sorted({r["model"] for r in res["runs"]})
         alphas = sorted({r["vcreg"]["vcreg_alpha"] for r in res["runs"] if r["variant"] != "baseline"})
         betas = sorted({r["vcreg"]["vcreg_beta"] for r in res["runs"] if r["variant"] != "baseline"})
@@ -990,6 +999,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="VCReg alpha of the comparisons when the sweep does not run (default: library default).")
     parser.add_argument("--vcreg-beta", type=float, default=None,
                         help="VCReg beta of the comparisons when the sweep does not run (default: library default).")
+    parser.add_argument("--sweep-alphas", nargs="+", type=float, default=None, help="Override the sweep's alpha grid.")
+    parser.add_argument("--sweep-betas", nargs="+", type=float, default=None, help="Override the sweep's beta grid.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: fastest on a shared, oversubscribed machine).")
     parser.add_argument("--source-dataset", default=OFFLINE_SOURCE,
@@ -999,6 +1010,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     profile_name = ns.profile or ("quick" if ns.quick else "full")
     profile = PROFILES[profile_name]
+    if ns.sweep_alphas:
+        profile = replace(profile, sweep_alphas=tuple(ns.sweep_alphas))
+    if ns.sweep_betas:
+        profile = replace(profile, sweep_betas=tuple(ns.sweep_betas))
     seeds = ns.seeds if ns.seeds is not None else ([0, 1] if profile_name != "full" else [0, 1, 2])
     out = ns.out or ("benchmarks/results/evidence" + ("" if profile_name == "full" else f"_{profile_name}"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)

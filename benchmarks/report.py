@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .evidence import HEADLINES, aggregate, is_fraction, markdown_table, plot_summary
+from .evidence import HEADLINES, _load_results, aggregate, is_fraction, markdown_table, plot_summary, select_defaults
 
 # The comparison shown in the key table: (experiment, metric, label, what "+" means).
 KEY_ROWS = [
@@ -49,16 +49,30 @@ def _fmt(x, pct):
     return f"{100 * x:.1f}" if pct else f"{x:.3g}"
 
 
-def load(results: Path) -> dict[str, dict]:
-    out = {}
-    for p in sorted(results.glob("*.json")):
-        res = json.loads(p.read_text())
-        if "experiment" in res and "runs" in res:
-            if res["experiment"] == "starvation":
-                for run in res["runs"]:  # derived: accuracy lost when the minor (moon) coordinate x1 is shuffled
-                    m = run["metrics"]
-                    m["minor_feature_reliance"] = m["test_accuracy"] - m["minor_shuffled_accuracy"]
-            out[res["experiment"]] = res
+def load(results: Path, extra_sweeps: list[Path] = ()) -> dict[str, dict]:
+    """Results files of ``results``; the sweep runs of ``extra_sweeps`` (supplementary grids run later with
+    ``--sweep-alphas/--sweep-betas``) are merged into the sweep (first run of each (model, variant, seed) kept)
+    and the selection is recomputed over the merged grid."""
+    out = _load_results(results)
+    if "starvation" in out:
+        for run in out["starvation"]["runs"]:  # derived: accuracy lost when the minor coordinate x1 is shuffled
+            m = run["metrics"]
+            m["minor_feature_reliance"] = m["test_accuracy"] - m["minor_shuffled_accuracy"]
+    for extra in extra_sweeps:
+        more = _load_results(extra).get("sweep")
+        if more is None:
+            raise FileNotFoundError(f"no sweep.json in {extra}")
+        if "sweep" not in out:
+            out["sweep"] = more
+            continue
+        sweep = out["sweep"]
+        seen = {(r["model"], r["variant"], r["seed"]) for r in sweep["runs"]}
+        added = [r for r in more["runs"] if (r["model"], r["variant"], r["seed"]) not in seen]
+        sweep["runs"] = sweep["runs"] + added
+        sweep["wall_s"] = sweep.get("wall_s", 0) + more.get("wall_s", 0)
+        sweep.setdefault("merged_from", []).append({"dir": str(extra), "date": more["date"], "runs_added": len(added),
+                                                    "command": more.get("command")})
+        sweep["selection"] = select_defaults(sweep["runs"])
     return out
 
 
@@ -122,11 +136,11 @@ def meta_block(res: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def build(results: Path, out: Path) -> str:
-    res = load(results)
+def build(results: Path, out: Path, extra_sweeps: list[Path] = (), supplementary: list[Path] = ()) -> str:
+    res = load(results, extra_sweeps)
     if not res:
         raise FileNotFoundError(f"no results files (*.json) in {results}: run `python -m benchmarks.evidence` first")
-    plot_summary(results)  # the plots always match the results files (also after an interrupted suite)
+    plot_summary(results, res)  # the plots always match the results (also after an interrupted suite)
     rel = os.path.relpath(results, out.parent)
     table, not_helping = key_table(res)
     parts = [
@@ -206,6 +220,24 @@ def build(results: Path, out: Path) -> str:
                     *[f"| {k} | {100 * v:.2f} |" for k, v in sorted(s["mean_by_variant"].items(), key=lambda kv: -kv[1])],
                     "",
                 ]
+    for extra in supplementary:
+        sup = load(extra)
+        if not sup:
+            raise FileNotFoundError(f"no results files in {extra}")
+        first = next(iter(sup.values()))
+        rel_sup = os.path.relpath(extra, out.parent)
+        sup_table, _ = key_table(sup)
+        parts += [
+            f"## Supplementary: {', '.join(sorted({r['model'] for x in sup.values() for r in x['runs']}))} with "
+            f"{first.get('vcreg_main')}",
+            "",
+            f"Same protocol, seeds {first['seeds']}, profile `{first['profile']['name']}`; results in "
+            f"[`{rel_sup}/`]({rel_sup}/) (`{first.get('command')}`). This setting was chosen from the sweep for this "
+            "architecture (on the hierarchical task, seeds 0-1, same test split), so the hierarchical row is "
+            "optimistically biased; the other rows are not used by the selection.",
+            "",
+            sup_table,
+        ]
     parts += [CAVEATS]
     text = "\n".join(parts)
     out.write_text(text)
@@ -256,8 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="benchmarks/results/evidence")
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
+    parser.add_argument("--extra-sweep", nargs="*", default=[],
+                        help="Results folders of supplementary sweeps to merge into the sweep table and selection.")
+    parser.add_argument("--supplementary", nargs="*", default=[],
+                        help="Results folders of supplementary comparisons (e.g. a per-architecture VCReg setting).")
     ns = parser.parse_args(argv)
-    build(Path(ns.results), Path(ns.out))
+    build(Path(ns.results), Path(ns.out), [Path(p) for p in ns.extra_sweep], [Path(p) for p in ns.supplementary])
     print(f"wrote {ns.out}")
     return 0
 
