@@ -96,11 +96,10 @@ class Profile:
     moons_test: int = 1000
     moons_steps: int = 500  # full-batch steps of the two-moons MLP
     moons_hidden: int = 100
-    # NOTE: 0.1 is the bottom of the grid: at alpha = beta = 0.1 the penalty barely changed these models in trial
-    # runs, and the public code's beta 0.08 acts like beta ~ 0.08 (n - 1) with n ~ 10^3 rows (its covariance
-    # gradient is (n - 1) times too large), so the meaningful range reaches well above 1.
-    sweep_alphas: tuple[float, ...] = (0.1, 1.0, 10.0)
-    sweep_betas: tuple[float, ...] = (0.1, 1.0, 10.0)
+    # NOTE: the grid reaches 10: the public code's beta 0.08 acts like beta ~ 0.08 (n - 1) with n ~ 10^3 rows
+    # (its covariance gradient is (n - 1) times too large), so the meaningful range may reach well above 1.
+    sweep_alphas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    sweep_betas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     sweep_seeds: int = 2  # the sweep uses the first `sweep_seeds` of the suite's seeds
     huber_delta: float = 0.1  # vcreg_delta of the smooth-L1 ablation
     moons_strengths: tuple[float, ...] = (0.1, 1.0, 10.0)  # alpha = beta values of the two-moons VCReg runs
