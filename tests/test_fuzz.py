@@ -96,14 +96,28 @@ def _reference(x, axis, rows, spec, w, c):
     return x64.grad, total.detach(), v.detach(), k.detach()
 
 
-@SETTINGS
-@given(
+GRADIENT_CASES = dict(
     case=block_outputs(),
     implementation=st.sampled_from(["gradient", "loss"]),
     c=st.sampled_from([1.0, 3.0]),
     w_scale=st.sampled_from([0.0, 1.0]),  # 0: the penalty's gradient alone
 )
+
+
+@SETTINGS
+@given(**GRADIENT_CASES)
 def test_penalty_gradient_matches_float64_autograd_on_random_shapes_dtypes_layouts(case, implementation, c, w_scale):
+    check_penalty_gradient(case, implementation, c, w_scale)
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None)
+@given(**GRADIENT_CASES)
+def test_penalty_gradient_matches_float64_autograd_many_random_examples(case, implementation, c, w_scale):
+    check_penalty_gradient(case, implementation, c, w_scale)
+
+
+def check_penalty_gradient(case, implementation, c, w_scale):
     x, axis, rows, spec = case
     gen = torch.Generator().manual_seed(x.numel())
     w = (w_scale * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(x.dtype)

@@ -35,30 +35,48 @@ MODEL = "hf_resnet"
 KILL_POINTS = ("model", "optimizer", "trainer_state")
 
 
-@pytest.fixture(scope="module")
-def killed(tmp_path_factory):
-    """Run every kill scenario once (one subprocess, a forked child each): ``(root, {scenario: exit code})``."""
-    root = tmp_path_factory.mktemp("killed")
-    scenarios = [f"vcreg:{k}" for k in KILL_POINTS] + ["plain:optimizer", "plain:trainer_state"]
+def run_kill_scenarios(root: Path, model: str, scenarios: list[str]) -> dict[str, int]:
+    """Run the scenarios in one subprocess (a forked child each): ``{scenario: exit code}``."""
     proc = subprocess.run(
-        [sys.executable, HELPER, "save", str(root), MODEL, *scenarios], capture_output=True, text=True, timeout=600
+        [sys.executable, HELPER, "save", str(root), model, *scenarios], capture_output=True, text=True, timeout=600
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("EXIT_CODES ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root, json.loads(lines[0][len("EXIT_CODES ") :])
+    return json.loads(lines[0][len("EXIT_CODES ") :])
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_run(out: Path, model: str):
     """The same training, uninterrupted, in this process: its checkpoint-2 weights and final weights."""
-    out = tmp_path_factory.mktemp("reference")
-    t = trainer(MODEL, config(out))
+    t = trainer(model, config(out))
     t.train()
     return load_file(str(out / "checkpoint-2" / "model.safetensors")), weights(t.model)
 
 
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """Every kill scenario of MODEL, run once: ``(root, {scenario: exit code})``."""
+    root = tmp_path_factory.mktemp("killed")
+    scenarios = [f"vcreg:{k}" for k in KILL_POINTS] + ["plain:optimizer", "plain:trainer_state"]
+    return root, run_kill_scenarios(root, MODEL, scenarios)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory.mktemp("reference"), MODEL)
+
+
 def _entries(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
+
+
+def record_loads(monkeypatch) -> list[str]:
+    """The checkpoints ``VCRegTrainer._load_from_checkpoint`` is asked to load, in order."""
+    loaded_from = []
+    original = VCRegTrainer._load_from_checkpoint
+    monkeypatch.setattr(
+        VCRegTrainer, "_load_from_checkpoint", lambda self, path, *a: (loaded_from.append(path), original(self, path, *a))
+    )
+    return loaded_from
 
 
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
@@ -66,26 +84,46 @@ def test_sigkill_mid_save_keeps_previous_checkpoint_and_resume_matches_uninterru
     killed, reference, kill_at, monkeypatch
 ):
     root, codes = killed
-    out = root / f"vcreg-{kill_at}"
     assert codes[f"vcreg:{kill_at}"] == -9  # really killed by SIGKILL, during the step-4 save
+    check_killed_run_resumes(root / f"vcreg-{kill_at}", MODEL, kill_at, reference, monkeypatch)
+
+
+KILLED_FILE = {"model": "model.safetensors", "optimizer": "optimizer.pt", "trainer_state": "trainer_state.json"}
+
+
+def check_killed_run_resumes(out: Path, model: str, kill_at: str, reference, monkeypatch) -> None:
     assert _entries(out) == ["_incomplete-checkpoint-4", "checkpoint-2"]
-    assert len(list((out / "_incomplete-checkpoint-4" / "checkpoint-4").iterdir())) >= 2  # the kill was mid-save
+    # the kill was mid-save: the file being written when it came is there, cut short
+    cut = out / "_incomplete-checkpoint-4" / "checkpoint-4" / KILLED_FILE[kill_at]
+    if kill_at == "trainer_state":
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(cut.read_text())
+    else:
+        assert 0 < cut.stat().st_size < (out / "checkpoint-2" / KILLED_FILE[kill_at]).stat().st_size
     # Both resolvers, ours and the one example scripts call, see only the complete checkpoint.
     assert last_complete_checkpoint(out) == get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
     ref_ckpt2, ref_final = reference
     assert max_weight_diff(load_file(str(out / "checkpoint-2" / "model.safetensors")), ref_ckpt2) == 0.0
 
-    loaded_from = []
-    original = VCRegTrainer._load_from_checkpoint
-    monkeypatch.setattr(
-        VCRegTrainer, "_load_from_checkpoint", lambda self, path, *a: (loaded_from.append(path), original(self, path, *a))
-    )
-    t = trainer(MODEL, config(out), model_seed=7)
+    loaded_from = record_loads(monkeypatch)
+    t = trainer(model, config(out), model_seed=7)
     t.train(resume_from_checkpoint=True)
     assert loaded_from == [str(out / "checkpoint-2")]
     assert max_weight_diff(weights(t.model), ref_final) <= 1e-6
     assert _entries(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # the staged leftovers are gone
     assert last_complete_checkpoint(out) == str(out / "checkpoint-6")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["hf_vit", "timm_vit", "hf_convnext"])
+def test_sigkill_mid_save_of_other_architectures_resumes_like_uninterrupted_run(model, tmp_path, monkeypatch):
+    """The same guarantee for a ViT (legacy checkpoint keys), a bare timm model (timm's hub format) and ConvNeXt."""
+    codes = run_kill_scenarios(tmp_path / "killed", model, [f"vcreg:{k}" for k in KILL_POINTS])
+    assert codes == {f"vcreg:{k}": -9 for k in KILL_POINTS}
+    reference = reference_run(tmp_path / "reference", model)
+    for kill_at in KILL_POINTS:
+        with monkeypatch.context() as patch:
+            check_killed_run_resumes(tmp_path / "killed" / f"vcreg-{kill_at}", model, kill_at, reference, patch)
 
 
 @pytest.mark.parametrize("kill_at", ["optimizer", "trainer_state"])
@@ -109,11 +147,7 @@ def test_upstream_trainer_killed_mid_save_leaves_half_written_checkpoint_that_we
     t = trainer(MODEL, config(out))
     with pytest.raises(ValueError, match=r"is not a complete checkpoint.*checkpoint-2"):
         t.train(resume_from_checkpoint=str(half))
-    loaded_from = []
-    original = VCRegTrainer._load_from_checkpoint
-    monkeypatch.setattr(
-        VCRegTrainer, "_load_from_checkpoint", lambda self, path, *a: (loaded_from.append(path), original(self, path, *a))
-    )
+    loaded_from = record_loads(monkeypatch)
     t.train(resume_from_checkpoint=True)
     assert loaded_from == [str(out / "checkpoint-2")] and t.state.global_step == 6
     assert last_complete_checkpoint(out) == str(out / "checkpoint-6")
