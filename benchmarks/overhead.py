@@ -281,8 +281,10 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{result['machine']['torch_threads']} torch threads.",
         f"Load average (1, 5, 15 min) before: {result['loadavg_before']}, after: {result['loadavg_after']}.",
         "",
-        "Time ratio: median over rounds of t_vcreg / t_plain (interquartile range in brackets); memory ratio: peak "
-        "bytes of a VCReg step / of a plain step.",
+        "Time ratio: median over rounds of the wall-clock t_vcreg / t_plain of one round (IQR beside it); ratio of "
+        "medians: median VCReg step / median plain step; CPU-time ratio: the same paired median of the CPU time this "
+        "process used (less sensitive to other jobs on a shared machine); memory ratio: peak bytes of a VCReg step / "
+        "of a plain step. Goal met: time ratio and memory ratio both within the goal.",
         "",
         "| model | layers | plain ms | impl | VCReg ms | time ratio | IQR | ratio of medians | CPU-time ratio | "
         "peak plain MiB | peak VCReg MiB | memory ratio | goal met |",
