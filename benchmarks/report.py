@@ -166,6 +166,18 @@ def build(results: Path, out: Path, extra_sweeps: list[Path] = (), supplementary
         parts += [f"![summary]({rel}/summary.png)", ""]
     parts += ["## Where VCReg does not help (in these runs)", ""]
     parts += (not_helping or ["- Every key comparison moved in VCReg's favour on every seed."]) + [""]
+    if "sweep" in res:
+        agg = aggregate(res["sweep"]["runs"], "fine_probe_accuracy")
+        for model in sorted({m for m, _ in agg}):
+            entries = {v: a for (m, v), a in agg.items() if m == model and a["diff_mean"] is not None}
+            if not entries:
+                continue
+            below = [v for v, a in entries.items() if a["diff_mean"] < 0]
+            worst = min(entries, key=lambda v: entries[v]["diff_mean"])
+            parts.append(f"- Sweep (hierarchical probe), {model}: {len(below)}/{len(entries)} (alpha, beta) entries below "
+                         f"the baseline on the mean over seeds; worst {worst} "
+                         f"({100 * entries[worst]['diff_mean']:+.1f} pts).")
+        parts.append("")
 
     titles = {
         "hierarchical": "Hierarchical transfer (pretrain on 4 superclasses, linear-probe 10 fine classes)",
