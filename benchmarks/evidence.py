@@ -925,7 +925,8 @@ def plot_summary(out: Path, results: dict[str, dict] | None = None) -> list[Path
             keys = list(agg)
             ax.bar(range(len(keys)), [agg[k]["mean"] for k in keys], yerr=[agg[k]["std"] for k in keys],
                    color=["tab:gray" if k[1] == "baseline" else "tab:blue" for k in keys], capsize=3)
-            ax.set_xticks(range(len(keys)), [f"{m}\n{v[:14]}" for m, v in keys], fontsize=7)
+            ax.set_xticks(range(len(keys)), [f"{m}\n{v.replace('vcreg alpha=beta=', 'a=b=')[:14]}" for m, v in keys],
+                          fontsize=7)
             lo = min(agg[k]["mean"] - agg[k]["std"] for k in keys)
             hi = max(agg[k]["mean"] + agg[k]["std"] for k in keys)
             pad = max(hi - lo, 0.02 * abs(hi), 1e-3)
