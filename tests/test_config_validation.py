@@ -195,3 +195,18 @@ def test_training_args_bin_and_model_card_reproduce_the_run(tmp_path):
     from_card = {name: _card_value(value) for name, value in CARD_ROW.findall(card)}
     assert from_card == a.args.vcreg_dict()
     assert VCRegConfig(output_dir=str(tmp_path / "c"), **from_card).vcreg_dict() == a.args.vcreg_dict()
+
+
+def test_library_defaults_are_the_committed_sweep_pick():
+    """VCREG_DEFAULTS must be the (alpha, beta) that the committed benchmark sweep selected."""
+    import json
+    from pathlib import Path
+
+    from hf_vcreg.config import VCREG_DEFAULTS
+
+    sweep = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/evidence/sweep.json").read_text())
+    selection = sweep["selection"]
+    assert selection["best_variant"] == f"alpha={selection['best_alpha']:g}, beta={selection['best_beta']:g}"
+    assert VCREG_DEFAULTS == {"vcreg_alpha": selection["best_alpha"], "vcreg_beta": selection["best_beta"]}
+    best = selection["mean_by_variant"][selection["best_variant"]]
+    assert best == max(selection["mean_by_variant"].values())
