@@ -181,8 +181,10 @@ class VCRegTrainer(Trainer):
 
     @staticmethod
     def _check_gradient_checkpointing(args: VCRegConfig) -> None:
-        kwargs = args.gradient_checkpointing_kwargs or {}
-        if args.gradient_checkpointing and kwargs.get("use_reentrant", False):
+        # transformers 5.x: activation_checkpointing(_kwargs); gradient_checkpointing(_kwargs) is the old alias.
+        enabled = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+        kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {}
+        if enabled and kwargs.get("use_reentrant", False):
             raise ValueError(
                 "gradient_checkpointing_kwargs={'use_reentrant': True} runs blocks without autograd, which would "
                 "silently drop the VCReg gradient. Use gradient_checkpointing_kwargs={'use_reentrant': False}."
