@@ -577,7 +577,26 @@ class _Handler(BaseHTTPRequestHandler):
         """Yield the request body (Content-Length or chunked), at most ``limit`` bytes if given."""
         if self._body_done:
             return
-        remaining_limit = limit
+        budget = [limit]  # bytes still allowed to be read (None: no limit), shared by every part of the body
+        cut = [False]  # set when the budget ran out before the body did
+
+        def read(left: int) -> Iterator[bytes]:
+            """Yield the next ``left`` bytes of the stream; stop early (``cut``) when the budget runs out."""
+            while left:
+                want = min(left, _CHUNK)
+                if budget[0] is not None:
+                    if budget[0] <= 0:
+                        cut[0] = True
+                        return
+                    want = min(want, budget[0])
+                data = self.rfile.read(want)
+                if not data:
+                    raise ConnectionError("client closed the connection mid-body")
+                left -= len(data)
+                if budget[0] is not None:
+                    budget[0] -= len(data)
+                yield data
+
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             while True:
                 size_line = self.rfile.readline(1024)
@@ -586,36 +605,14 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass
                     break
-                left = size
-                while left:
-                    want = min(left, _CHUNK)
-                    if remaining_limit is not None:
-                        if remaining_limit <= 0:
-                            return
-                        want = min(want, remaining_limit)
-                    data = self.rfile.read(want)
-                    if not data:
-                        raise ConnectionError("client closed the connection mid-body")
-                    left -= len(data)
-                    if remaining_limit is not None:
-                        remaining_limit -= len(data)
-                    yield data
+                yield from read(size)
+                if cut[0]:
+                    return
                 self.rfile.readline(16)  # CRLF after each chunk
         else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left:
-                want = min(left, _CHUNK)
-                if remaining_limit is not None:
-                    if remaining_limit <= 0:
-                        return
-                    want = min(want, remaining_limit)
-                data = self.rfile.read(want)
-                if not data:
-                    raise ConnectionError("client closed the connection mid-body")
-                left -= len(data)
-                if remaining_limit is not None:
-                    remaining_limit -= len(data)
-                yield data
+            yield from read(int(self.headers.get("Content-Length") or 0))
+            if cut[0]:
+                return
         self._body_done = True
 
     def read_body(self) -> bytes:
