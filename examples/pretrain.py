@@ -3,7 +3,7 @@
 
 Runs a baseline (plain supervised training through the same trainer, vcreg_alpha = vcreg_beta = 0) and a
 VCReg model on the same data, schedule and seed, and prints both results. With no arguments it trains a small
-ViT on scikit-learn's digits (ships with the install, no download) on CPU in about a minute:
+ViT on scikit-learn's digits (ships with the install, no download) on CPU in a few minutes:
 
     python examples/pretrain.py
 
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         model_args, data_args, config = parser.parse_json_file(os.path.abspath(argv[0]))
     else:
         defaults = {
-            "output_dir": "outputs/pretrain", "num_train_epochs": 8, "per_device_train_batch_size": 64,
-            "learning_rate": 1e-3, "eval_strategy": "epoch", "save_strategy": "no", "logging_steps": 10,
+            "output_dir": "outputs/pretrain", "num_train_epochs": 15, "per_device_train_batch_size": 64,
+            "learning_rate": 3e-3, "eval_strategy": "epoch", "save_strategy": "no", "logging_steps": 10,
             "report_to": "none", "remove_unused_columns": False, "disable_tqdm": True, "seed": 0,
         }
         given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
