@@ -15,7 +15,8 @@ from transformers import TrainingArguments
 
 __all__ = ["VCRegConfig", "VCREG_DEFAULTS"]
 
-# Defaults chosen by the alpha/beta sweep in benchmarks (see benchmarks/RESULTS.md, "Ablations and sweep").
+# Defaults: the pick of the committed alpha/beta sweep (benchmarks/results/evidence/sweep.json, "selection";
+# README "Where the defaults come from"). tests/test_config_validation.py pins them to that file.
 VCREG_DEFAULTS = {"vcreg_alpha": 0.01, "vcreg_beta": 0.1}
 
 

@@ -103,7 +103,7 @@ class VCRegTrainer(Trainer):
 
         from hf_vcreg import VCRegConfig, VCRegTrainer
 
-        args = VCRegConfig(output_dir="out", vcreg_alpha=0.1, vcreg_beta=0.1)
+        args = VCRegConfig(output_dir="out", vcreg_alpha=0.01, vcreg_beta=0.1)
         trainer = VCRegTrainer(model=model, args=args, train_dataset=train, eval_dataset=test)
         trainer.train()
 
