@@ -103,13 +103,15 @@ def check_killed_run_resumes(out: Path, model: str, kill_at: str, reference, mon
     # Both resolvers, ours and the one example scripts call, see only the complete checkpoint.
     assert last_complete_checkpoint(out) == get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
     ref_ckpt2, ref_final = reference
-    assert max_weight_diff(load_file(str(out / "checkpoint-2" / "model.safetensors")), ref_ckpt2) == 0.0
+    # The killed run trained in a subprocess, the reference in this one: equal to float tolerance (bitwise for the
+    # default ResNet; ViT and ConvNeXt kernels may reduce in another order across processes, ~1e-6 seen in CI).
+    assert max_weight_diff(load_file(str(out / "checkpoint-2" / "model.safetensors")), ref_ckpt2) <= 1e-5
 
     loaded_from = record_loads(monkeypatch)
     t = trainer(model, config(out), model_seed=7)
     t.train(resume_from_checkpoint=True)
     assert loaded_from == [str(out / "checkpoint-2")]
-    assert max_weight_diff(weights(t.model), ref_final) <= 1e-6
+    assert max_weight_diff(weights(t.model), ref_final) <= 1e-4  # 4 steps on from a checkpoint equal to ~1e-6
     assert _entries(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # the staged leftovers are gone
     assert last_complete_checkpoint(out) == str(out / "checkpoint-6")
 
