@@ -386,21 +386,20 @@ class VCRegTrainer(Trainer):
                 use_mtime=True,
             )
 
-    def evaluate(self, *args, **kwargs):
+    def _evaluation_call(self, method, *args, **kwargs):
+        """Run ``Trainer.evaluate`` / ``predict``: row seeds restart, hooks go when no training is running."""
         self._vcreg_last_micro["eval"] = (-1, 0)
         try:
-            return super().evaluate(*args, **kwargs)
+            return method(*args, **kwargs)
         finally:
             if not self.is_in_train:
                 self._remove_hooks()
 
+    def evaluate(self, *args, **kwargs):
+        return self._evaluation_call(super().evaluate, *args, **kwargs)
+
     def predict(self, *args, **kwargs):
-        self._vcreg_last_micro["eval"] = (-1, 0)
-        try:
-            return super().predict(*args, **kwargs)
-        finally:
-            if not self.is_in_train:
-                self._remove_hooks()
+        return self._evaluation_call(super().predict, *args, **kwargs)
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
