@@ -305,7 +305,21 @@ def main(argv: list[str]) -> int:
         runner = run_load if scenario.get("kind") == "load" else run_scenario
         result = runner(scenario, out_dir, rank)
         torch.save(result, os.path.join(out_dir, f"{scenario['name']}.rank{rank}.pt"))
+    shutdown_process_group()
     return 0
+
+
+def shutdown_process_group() -> None:
+    """Tear the gloo group down explicitly: both ranks meet, then destroy it.
+
+    Leaving it to interpreter shutdown let gloo's worker threads be destroyed while joinable on one rank
+    ("terminate called without an active exception", SIGABRT, seen once in CI after a run had finished).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
