@@ -31,6 +31,7 @@ Two implementations with the same gradient:
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +52,11 @@ __all__ = [
 def _no_autocast(device: torch.device):
     """Statistics run outside autocast: their matmuls must not drop to half precision."""
     try:
-        return torch.autocast(device.type, enabled=False)
+        if torch.is_autocast_enabled(device.type):
+            return torch.autocast(device.type, enabled=False)
     except RuntimeError:  # a device type without autocast support
-        return contextlib.nullcontext()
+        pass
+    return contextlib.nullcontext()
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,32 +166,33 @@ class VCRegSpec:
     grad_multiplier: float = 1.0
 
 
-# Largest |mean| / std of every feature for which the backward skips centring (see VCRegFunction._forward).
+# Largest |mean| / std of every feature for which the backward skips centring (see VCRegFunction._backward).
 _MAX_MEAN_OVER_STD = 100.0
 
 
 def _moments(
     samples: torch.Tensor, rows: torch.Tensor | None, group, dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[int | torch.Tensor, torch.Tensor, torch.Tensor]:
     """Count, mean and centred sample matrix ``(n, mu, Zc)`` of a feature-last view, global over ``group``.
 
     ``Zc`` is a fresh ``(rows used, d)`` matrix in ``dtype`` (default: float32, float64 for float64 input), made
-    in one pass (subtract and cast); ``mu`` is float32 (float64); ``n`` is a 0-d tensor of the global count.
+    in one pass (subtract and cast); ``mu`` is float32 (float64). ``n`` is a Python int without a process group
+    (known on the host, no device sync) and a 0-d tensor of the global count with one.
     """
     d = samples.shape[-1]
     sdt = _stat_dtype(samples.dtype)
     if rows is not None:
         samples = samples[torch.unravel_index(rows, samples.shape[:-1])]
     n_local = samples.numel() // d if d else 0
-    flat_dims = tuple(range(samples.dim() - 1))
-    total = samples.sum(dim=flat_dims, dtype=sdt)
-    if group is not None:
+    total = samples.sum(dim=tuple(range(samples.dim() - 1)), dtype=sdt)
+    if group is None:
+        n = n_local
+        mu = total.div_(max(n, 1))
+    else:
         buf = torch.cat([total, total.new_tensor([n_local])])
         dist.all_reduce(buf, group=group)
-        total, n = buf[:d], buf[d]
-    else:
-        n = total.new_tensor(float(n_local))
-    mu = total / n.clamp(min=1)
+        n = buf[d]
+        mu = buf[:d] / n.clamp(min=1)
     return n, mu, _centred(samples, mu, dtype or sdt)
 
 
@@ -199,6 +203,9 @@ def _centred(samples: torch.Tensor, mu: torch.Tensor, dtype: torch.dtype) -> tor
     return zc.view(-1, samples.shape[-1])
 
 
+def _bessel(n: int | torch.Tensor) -> int | torch.Tensor:
+    """``max(n - 1, 1)`` for a host count or a 0-d tensor count."""
+    return max(n - 1, 1) if isinstance(n, int) else (n - 1).clamp(min=1)
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
     """Half-precision input dtype for the statistics' matmuls, or ``None`` for float32 (float64) matmuls.
 
@@ -243,23 +250,43 @@ def _gram(zc: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return c
 
 
-def _penalty_and_grad_matrix(c: torch.Tensor, spec: VCRegSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``V``, ``K`` and the symmetric matrix ``G = d(alpha V + beta K) / dC`` (the diagonal from V, the rest from K)."""
+def _variance_terms(diag: torch.Tensor, spec: VCRegSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, 1 / s where gamma > s else 0, V)`` from the variances ``C_jj``, with ``s = sqrt(C_jj + eps)``.
+
+    ``dV/dC_jj`` is ``-1 / (2 d s_j)`` where ``gamma > s_j``: the caller multiplies the second output by
+    ``-alpha / (2 d)``. ``eps > 0`` keeps ``s`` positive.
+    """
+    s = diag.add(spec.eps).sqrt_()
+    hinge = torch.rsub(s, spec.gamma).relu_()
+    return s, torch.div(hinge > 0, s), hinge.mean()
+
+
+def _penalty_and_grad_matrix(
+    c: torch.Tensor, spec: VCRegSpec, scale: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``V``, ``K``, ``scale * dP/dC`` (``P = alpha V + beta K``) and ``s = sqrt(diag(C) + eps)``.
+
+    ``dP/dC`` is symmetric: its diagonal comes from V, the rest from K. It is written **into** ``c`` (returned as
+    the third output): the covariance matrix is not needed afterwards, so no ``d x d`` copy is made; one dot product
+    gives K (no ``delta``) and one in-place scaling ``dP/dC``. ``scale`` is a number or a 0-d tensor. Few small
+    operations on purpose: between a model's blocks each one costs far more than its arithmetic (cold caches).
+    """
     d = c.shape[0]
-    s = torch.sqrt(torch.diagonal(c) + spec.eps)
-    hinge = spec.gamma - s
-    v = torch.relu(hinge).mean()
-    if d >= 2:
-        off = c.clone()
-        off.diagonal().zero_()
-        k = _huber(off, spec.delta).sum() / (d * (d - 1))
-        g = off if spec.delta is None else off.clamp_(-spec.delta, spec.delta)
-        g.mul_(2 * spec.beta / (d * (d - 1)))
-    else:
+    diag = c.diagonal()
+    s, inv_s, v = _variance_terms(diag, spec)
+    diag.zero_()  # c is now the off-diagonal part of C
+    pairs = d * (d - 1)
+    if d < 2:
         k = c.new_zeros(())
-        g = torch.zeros_like(c)
-    g.diagonal().copy_(torch.where(hinge > 0, -spec.alpha / (2 * d) / s, 0.0))
-    return v, k, g
+    elif spec.delta is None:
+        flat = c.view(-1)
+        k = torch.dot(flat, flat).div_(pairs)
+    else:
+        k = _huber(c, spec.delta).sum() / pairs
+        c.clamp_(-spec.delta, spec.delta)
+    c.mul_(2 * spec.beta / max(pairs, 1) * scale)
+    torch.mul(inv_s, -spec.alpha / (2 * d) * scale, out=diag)
+    return v, k, c, s
 
 
 class VCRegFunction(torch.autograd.Function):
@@ -272,8 +299,12 @@ class VCRegFunction(torch.autograd.Function):
     * ``group``: a ``torch.distributed`` process group for global statistics, or ``None``;
     * ``penalty = weight * (alpha V + beta K)``, a 0-d tensor without a graph through the statistics. Add it
       to the loss: the backward then scales the injected gradient by the gradient this value receives.
-    * ``valid``: 0-d bool, ``False`` when the statistics were undefined (fewer than 2 rows) or not finite; the
-      layer's penalty and gradient are then 0.
+    * ``valid``: 0-d bool, ``False`` when the statistics were undefined (fewer than 2 rows) or not finite (or so
+      large that the penalty overflows); the layer's penalty and gradient are then 0.
+
+    With fewer rows than features (``n < d``, local statistics, no ``delta``: e.g. pooled features of a small
+    batch) the ``d x d`` matrices are never formed: ``||C||_F = ||Zc Zc^T||_F / (n - 1)`` gives K and
+    ``Zc G = c (A Zc) + Zc diag(w)`` with the ``n x n`` matrix ``A = Zc Zc^T / (n - 1)`` gives the gradient.
     """
 
     @staticmethod
@@ -285,31 +316,59 @@ class VCRegFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, axis, rows, spec, group, matmul_dtype):
-        samples = samples_view(x, axis)
         sdt = _stat_dtype(x.dtype)
-        if matmul_dtype is None:
-            n, mu, zc = _moments(samples, rows, group)
-        else:
-            n, mu, zc = _moments(samples, rows, group, matmul_dtype)
-        cov = _gram(zc, sdt)
-        del zc  # the only copy of the activation is gone before the penalty is computed
-        if group is not None:
-            dist.all_reduce(cov, group=group)
-        cov.div_((n - 1).clamp(min=1))
-        v, k, g = _penalty_and_grad_matrix(cov, spec)
-        valid = (n >= 2) & torch.isfinite(cov).all()
-        penalty = torch.where(valid, spec.weight * (spec.alpha * v + spec.beta * k), 0.0)
-        g.mul_(spec.weight * spec.grad_multiplier * 2 / (n - 1).clamp(min=1))
-        # On the CPU the validity is known without a device sync: an invalid layer then skips the backward work.
-        ctx.valid_host = bool(valid) if valid.device.type == "cpu" else None
-        # The backward may use Z G - 1 (mu^T G) instead of a centred copy when that loses little: its rounding error,
-        # relative to the result, grows like |mu| / sigma (1e-5 in float32 at |mu| = 100 sigma; checked on the CPU).
-        ctx.uncentred_ok = bool(ctx.valid_host and (mu.square() <= _MAX_MEAN_OVER_STD**2 * torch.diagonal(cov)).all())
-        ctx.g = g if ctx.valid_host is not False else None
-        ctx.mu, ctx.axis, ctx.rows, ctx.valid, ctx.matmul_dtype = mu, axis, rows, valid, matmul_dtype
+        n, mu, zc = _moments(samples_view(x, axis), rows, group, matmul_dtype)
+        rows_used, d = zc.shape
+        ctx.mu, ctx.axis, ctx.rows, ctx.matmul_dtype, ctx.g, ctx.dual = mu, axis, rows, matmul_dtype, None, None
         ctx.save_for_backward(x)
+        if isinstance(n, int) and n < 2:  # undefined statistics, known on the host: no work at all
+            ctx.valid_host, ctx.valid = False, torch.tensor(False, device=x.device)
+            ctx.mark_non_differentiable(ctx.valid)
+            return x.view_as(x), mu.new_zeros(()), mu.new_zeros(()), mu.new_zeros(()), ctx.valid
+        # d(weight * P)/dC times dC/dZ's factor 2 / (n - 1); with global statistics the multiplier undoes DDP's mean
+        scale = spec.weight * spec.grad_multiplier * 2 / _bessel(n)
+        if isinstance(n, int) and spec.delta is None and rows_used < d and matmul_dtype is None:
+            v, k, s = VCRegFunction._dual(ctx, zc, n, spec, scale, sdt)
+        else:
+            cov = _gram(zc, sdt)
+            del zc  # the only copy of the activation is gone before the penalty is computed
+            if group is not None:
+                dist.all_reduce(cov, group=group)
+            cov.div_(_bessel(n))
+            v, k, ctx.g, s = _penalty_and_grad_matrix(cov, spec, scale)
+        # Any non-finite C_ij makes K non-finite (a non-finite column spoils all its covariances); d = 1: check s.
+        check = k if d > 1 else s.sum()
+        penalty = torch.add(v * (spec.weight * spec.alpha), k, alpha=spec.weight * spec.beta)
+        if check.device.type == "cpu":  # known without a device sync: an invalid layer skips the backward work
+            ctx.valid_host = math.isfinite(float(check)) and (isinstance(n, int) or bool(n >= 2))
+            valid = torch.tensor(ctx.valid_host)
+            if not ctx.valid_host:
+                penalty.zero_()
+                ctx.g = ctx.dual = None
+        else:
+            ctx.valid_host = None
+            valid = torch.isfinite(check) if isinstance(n, int) else torch.isfinite(check) & (n >= 2)
+            penalty = torch.where(valid, penalty, 0.0)
+        ctx.s, ctx.valid = s, valid
         ctx.mark_non_differentiable(v, k, valid)
-        return x.view_as(x), penalty, v.detach(), k.detach(), valid
+        return x.view_as(x), penalty, v, k, valid
+
+    @staticmethod
+    def _dual(ctx, zc, n, spec, scale, sdt):
+        """V, K and the backward's factors from the ``n x n`` Gram ``Zc Zc^T`` (``n < d``; see the class doc)."""
+        d = zc.shape[1]
+        a = _mm(zc, zc.T, sdt).div_(n - 1)  # A = Zc Zc^T / (n - 1): same nonzero spectrum as C
+        c_diag = zc.square().sum(dim=0).div_(n - 1)
+        s, inv_s, v = _variance_terms(c_diag, spec)
+        pairs = d * (d - 1)
+        flat = a.view(-1)
+        # ||C||_F^2 - sum_j C_jj^2: with n < d, C has rank < d and its off-diagonal part dominates (no cancellation)
+        k = (torch.dot(flat, flat) - torch.dot(c_diag, c_diag)).clamp_(min=0).div_(pairs)
+        off = 2 * spec.beta / pairs
+        # Zc G = off * (Zc C) + Zc diag(dP/dC_jj - off * C_jj), and Zc C = A Zc
+        w = inv_s.mul_(-spec.alpha / (2 * d)).sub_(c_diag, alpha=off).mul_(scale)
+        ctx.dual = (a.mul_(off * scale), w)
+        return v, k, s
 
     @staticmethod
     def backward(ctx, grad_x, grad_penalty, *unused):
@@ -323,43 +382,65 @@ class VCRegFunction(torch.autograd.Function):
             return grad_x, None, None, None, None
         if grad_x is None:
             grad_x = torch.zeros_like(x)
-        g = ctx.g * grad_penalty
+        # The loss's scale reaches the injected gradient through grad_penalty. On the CPU with float32 (float64)
+        # activations it is folded into the matmuls' alpha; otherwise it multiplies the small d x d (n x n) factors
+        # before the matmul (no device sync; a half-precision result is never formed unscaled: fp16 loss scaling).
+        gp = float(grad_penalty) if ctx.valid_host is not None and x.dtype == ctx.mu.dtype else grad_penalty
         samples = samples_view(x, ctx.axis)
         d = samples.shape[-1]
-        if (
-            ctx.rows is None
-            and ctx.matmul_dtype is None
-            and x.dtype == g.dtype
-            and ctx.axis == x.dim() - 1
-            and x.is_contiguous()
-            and grad_x.is_contiguous()
-        ):
+        if ctx.dual is not None:
+            a, w = ctx.dual
+            if isinstance(gp, torch.Tensor):
+                a, w, gp = a * gp.to(a.dtype), w * gp.to(a.dtype), 1.0
+            zc = VCRegFunction._centred_rows(ctx, samples, a.dtype)
+            extra = torch.addmm(zc * w, a, zc).to(x.dtype)
+            del zc
+            return VCRegFunction._add(ctx, grad_x, extra, gp, samples), None, None, None, None
+        g = ctx.g
+        if isinstance(gp, torch.Tensor):
+            g, gp = g * gp.to(g.dtype), 1.0
+        fast = ctx.rows is None and ctx.matmul_dtype is None and x.dtype == g.dtype and samples.is_contiguous()
+        if fast:
+            grad_samples = samples_view(grad_x, ctx.axis)
+            fast = grad_samples.is_contiguous()
+        if fast:
             # Feature-last float32/float64 (transformer tokens): one matmul that also adds the incoming gradient.
-            # Zc G = Z G - 1 (mu^T G): no centred copy, one pass for the mean's row, when the mean is moderate.
-            if ctx.uncentred_ok:
-                grad_in = torch.addmm(grad_x.view(-1, d), x.view(-1, d), g)
-                grad_in.sub_(ctx.mu @ g)
-            else:
-                grad_in = torch.addmm(grad_x.view(-1, d), _centred(samples, ctx.mu, g.dtype), g)
+            # Zc G = Z G - 1 (mu^T G): no centred copy, one pass for the mean's row, when the mean is moderate: the
+            # rounding error, relative to the result, grows like |mu| / sigma (1e-5 in float32 at 100 sigma).
+            uncentred = (
+                ctx.valid_host is not None
+                and float(torch.linalg.vector_norm(ctx.mu / ctx.s, float("inf"))) <= _MAX_MEAN_OVER_STD
+            )
+            z = samples.reshape(-1, d) if uncentred else _centred(samples, ctx.mu, g.dtype)
+            grad_in = torch.addmm(grad_samples.reshape(-1, d), z, g, alpha=gp)
+            if uncentred:
+                grad_in.sub_(torch.mv(g, ctx.mu), alpha=gp)
             if ctx.valid_host is None:  # GPU: mask without a sync (a non-finite Z would turn G = 0 into NaN)
-                grad_in = torch.where(ctx.valid, grad_in, grad_x.view(-1, d))
-            return grad_in.view(x.shape), None, None, None, None
+                grad_in = torch.where(ctx.valid, grad_in, grad_samples.reshape(-1, d))
+            return grad_in.view(samples.shape).movedim(-1, ctx.axis), None, None, None, None
         mm_dtype = ctx.matmul_dtype or g.dtype
-        if ctx.rows is not None:
-            index = torch.unravel_index(ctx.rows, samples.shape[:-1])
-            zc = _centred(samples[index], ctx.mu, mm_dtype)
-        else:
-            zc = _centred(samples, ctx.mu, mm_dtype)
+        zc = VCRegFunction._centred_rows(ctx, samples, mm_dtype)
         extra = _mm(zc, g.to(mm_dtype), x.dtype)
         del zc
+        return VCRegFunction._add(ctx, grad_x, extra, gp, samples), None, None, None, None
+
+    @staticmethod
+    def _centred_rows(ctx, samples: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if ctx.rows is not None:
+            samples = samples[torch.unravel_index(ctx.rows, samples.shape[:-1])]
+        return _centred(samples, ctx.mu, dtype)
+
+    @staticmethod
+    def _add(ctx, grad_x: torch.Tensor, extra: torch.Tensor, gp: float, samples: torch.Tensor) -> torch.Tensor:
+        """``grad_x + gp * extra``, ``extra`` being the ``(rows used, d)`` gradient of the statistics' rows."""
         if ctx.valid_host is None:  # GPU: mask without a sync (a non-finite Zc would turn G = 0 into NaN)
             extra = torch.where(ctx.valid, extra, 0.0)
-        if ctx.rows is not None:
-            grad_in = grad_x.clone()
-            samples_view(grad_in, ctx.axis).index_put_(index, extra, accumulate=True)
-        else:
-            grad_in = grad_x + extra.view(samples.shape).movedim(-1, ctx.axis)
-        return grad_in, None, None, None, None
+        if ctx.rows is None:
+            return torch.add(grad_x, extra.view(samples.shape).movedim(-1, ctx.axis), alpha=gp)
+        grad_in = grad_x.clone()
+        index = torch.unravel_index(ctx.rows, samples.shape[:-1])
+        samples_view(grad_in, ctx.axis).index_put_(index, extra.mul_(gp) if gp != 1.0 else extra, accumulate=True)
+        return grad_in
 
 
 def explicit_penalty(x, axis, rows, spec, group):

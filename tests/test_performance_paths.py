@@ -5,6 +5,7 @@ Paths pinned here (see benchmarks/PERFORMANCE.md for why they exist):
 * the symmetric blocked Gram ``Zc^T Zc`` (CPU, ``n >= 4 d``, ``d >= 128``: each off-diagonal block once);
 * the feature-last backward without a centred copy (``Zc G = Z G - 1 mu^T G``, one ``addmm``);
 * the generic backward (channels-first maps, row subsets, non-contiguous tensors);
+* the ``n < d`` path (fewer rows than features: K from ``||Zc Zc^T||_F``, the backward from the ``n x n`` Gram);
 * the half-precision matmul path used under CUDA autocast (tensor cores, float32 accumulation), run here on the
   CPU through the same code with the half-precision products emulated exactly in float32.
 
@@ -169,6 +170,54 @@ def test_half_precision_matmuls_are_actually_used(monkeypatch):
     assert seen and all(a == b == torch.bfloat16 and o == torch.float32 for a, b, o in seen)
 
 
+# (shape, axis, rows kept): fewer rows than features, so the n x n Gram replaces the d x d one
+FEW_ROWS = [((24, 96), 1, None), ((20, 64, 1, 1), 1, None), ((3, 4, 80), 2, None), ((6, 5, 40), 2, 30),
+            ((2, 48, 3, 3), 1, 17)]
+
+
+@pytest.mark.parametrize("shape,axis,keep", FEW_ROWS)
+def test_fewer_rows_than_features_path_equals_autograd_float64(monkeypatch, shape, axis, keep):
+    torch.manual_seed(13)
+    calls = []
+    original = VCRegFunction._dual
+    monkeypatch.setattr(VCRegFunction, "_dual", staticmethod(lambda *a: calls.append(a[1].shape) or original(*a)))
+    x = torch.randn(*shape, dtype=torch.float64) * 0.8 + 2.0
+    x = x + x.movedim(axis, -1)[..., :1].movedim(-1, axis)  # a shared component: strongly correlated features
+    n = x.numel() // shape[axis]
+    rows = torch.randperm(n)[:keep].sort().values if keep else None
+    spec = VCRegSpec(alpha=0.7, beta=1.3, gamma=2.0, weight=0.5)
+    w = torch.randn_like(x)
+    grad, p = _ours(x, axis, rows, spec, w)
+    expected, p_ref = _reference(x, axis, rows, spec, w)
+    assert calls == [((keep or n), shape[axis])]  # the n < d path ran
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    assert p.item() == pytest.approx(p_ref.item(), rel=1e-10)
+
+
+def test_fewer_rows_than_features_float32_and_bf16_are_within_rounding():
+    torch.manual_seed(14)
+    x = torch.randn(64, 512, 1, 1) + 0.5  # a pooled ResNet-18 stage output: n = 64 < d = 512
+    x = x + 0.3 * x[:, :1]
+    spec = VCRegSpec(alpha=1.0, beta=10.0, weight=0.25)
+    w = torch.zeros_like(x)
+    expected, p_ref = _reference(x, 1, None, spec, w)
+    grad, p = _ours(x, 1, None, spec, w)
+    assert _rel(grad, expected) < 1e-5 and p.item() == pytest.approx(p_ref.item(), rel=1e-5)
+    x16 = x.bfloat16()  # bf16 activations: the loss scale reaches the n x n factors before the matmul
+    expected16, p_ref16 = _reference(x16.float(), 1, None, spec, w)
+    grad16, p16 = _ours(x16, 1, None, spec, w.bfloat16())
+    assert grad16.dtype == torch.bfloat16 and _rel(grad16, expected16) < 1e-2
+    assert p16.item() == pytest.approx(p_ref16.item(), rel=1e-5)  # statistics stay float32
+
+
+def test_fewer_rows_than_features_keeps_only_n_by_n_statistics():
+    x = torch.randn(16, 200, requires_grad=True)
+    y, p, *_ = VCRegFunction.apply(x, 1, None, SPEC, None)
+    held = [v for v in vars(p.grad_fn).values() if isinstance(v, torch.Tensor)]
+    held += [t for v in vars(p.grad_fn).values() if isinstance(v, tuple) for t in v if isinstance(t, torch.Tensor)]
+    assert max(t.numel() for t in held) == 16 * 16 < 200 * 200 and p.grad_fn.g is None
+
+
 def test_gradient_function_keeps_no_activation_sized_buffer():
     """Between forward and backward only the block output itself (already kept by the next layer) and
     d x d / d-sized statistics are held: no float32 copy of the activation stays alive."""
@@ -180,14 +229,16 @@ def test_gradient_function_keeps_no_activation_sized_buffer():
     assert held and max(t.numel() for t in held) == 96 * 96
 
 
-def test_invalid_layer_backward_returns_the_incoming_gradient_unchanged():
-    x = torch.randn(40, 130)
-    x[5, 7] = float("nan")
+@pytest.mark.parametrize("shape,bad", [((40, 130), float("nan")), ((10, 50), float("inf")), ((300, 20), float("-inf"))])
+def test_invalid_layer_backward_returns_the_incoming_gradient_unchanged(shape, bad):
+    """Both paths (n < d: the n x n Gram; n >= d: the d x d one) skip a layer with a non-finite sample."""
+    x = torch.randn(*shape)
+    x[5, 7] = bad
     x.requires_grad_()
     w = torch.randn_like(x)
     y, p, v, k, valid = VCRegFunction.apply(x, 1, None, SPEC, None)
     ((y * w).sum() + p).backward()
-    assert not bool(valid)
+    assert not bool(valid) and p.item() == 0.0
     assert torch.equal(x.grad, w)
 
 
