@@ -203,6 +203,14 @@ def _centred(samples: torch.Tensor, mu: torch.Tensor, dtype: torch.dtype) -> tor
     return zc.view(-1, samples.shape[-1])
 
 
+def _host_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s value on the host costs no device sync (the CPU).
+
+    Where it does not (GPU), validity stays a device tensor and is applied with masks instead of branches.
+    """
+    return t.device.type == "cpu"
+
+
 def _bessel(n: int | torch.Tensor) -> int | torch.Tensor:
     """``max(n - 1, 1)`` for a host count or a 0-d tensor count."""
     return max(n - 1, 1) if isinstance(n, int) else (n - 1).clamp(min=1)
@@ -339,9 +347,9 @@ class VCRegFunction(torch.autograd.Function):
         # Any non-finite C_ij makes K non-finite (a non-finite column spoils all its covariances); d = 1: check s.
         check = k if d > 1 else s.sum()
         penalty = torch.add(v * (spec.weight * spec.alpha), k, alpha=spec.weight * spec.beta)
-        if check.device.type == "cpu":  # known without a device sync: an invalid layer skips the backward work
+        if _host_readable(check):  # known without a device sync: an invalid layer skips the backward work
             ctx.valid_host = math.isfinite(float(check)) and (isinstance(n, int) or bool(n >= 2))
-            valid = torch.tensor(ctx.valid_host)
+            valid = torch.tensor(ctx.valid_host, device=check.device)
             if not ctx.valid_host:
                 penalty.zero_()
                 ctx.g = ctx.dual = None

@@ -250,6 +250,36 @@ def test_statistics_matmuls_stay_float32_on_the_cpu_even_under_autocast():
     assert penalty._matmul_dtype(x) is None
 
 
+@pytest.mark.parametrize(
+    "shape,axis,keep,bad",
+    [((6, 100, 128), 2, None, None), ((5, 128, 6, 5), 1, None, None), ((8, 65, 96), 2, 200, None),
+     ((20, 64, 1, 1), 1, None, None), ((40, 130), 1, None, float("nan")), ((10, 50), 1, None, float("inf"))],
+)
+def test_device_branches_without_host_sync_equal_autograd(monkeypatch, shape, axis, keep, bad):
+    """The GPU code (validity as a device tensor, masks instead of branches, the loss scale multiplied into the
+    small factors) run on the CPU by declaring the CPU not host-readable: same gradients as autograd."""
+    monkeypatch.setattr(penalty, "_host_readable", lambda t: False)
+    torch.manual_seed(15)
+    x = torch.randn(*shape, dtype=torch.float64) * 0.7 + 1.5
+    if bad is not None:
+        x[3, 2] = bad
+    n = x.numel() // shape[axis]
+    rows = torch.randperm(n)[:keep].sort().values if keep else None
+    spec = VCRegSpec(alpha=0.7, beta=1.3, gamma=2.0, weight=0.5)
+    w = torch.randn_like(x)
+    xr = x.clone().requires_grad_()
+    y, p, v, k, valid = VCRegFunction.apply(xr, axis, rows, spec, None)
+    assert p.grad_fn.valid_host is None  # the device branches ran
+    ((y * w).sum() + 3.0 * p).backward()
+    if bad is not None:
+        assert not bool(valid) and p.item() == 0.0 and torch.equal(xr.grad, w)
+        return
+    expected, p_ref = _reference(x, axis, rows, spec, w)
+    assert bool(valid)
+    torch.testing.assert_close(xr.grad, expected, rtol=1e-10, atol=1e-12)
+    assert p.item() == pytest.approx(p_ref.item(), rel=1e-10)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu_check.sh)")
 @pytest.mark.parametrize("shape,axis,dtype", [((8, 197, 768), 2, torch.float32), ((8, 256, 14, 14), 1, torch.bfloat16)])
 def test_cuda_autocast_tensor_core_statistics_are_within_bf16_rounding(shape, axis, dtype):
