@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -247,6 +248,19 @@ def cpu_name() -> str:
         return platform.processor()
 
 
+def code_commit() -> str | None:
+    """The commit of the measured code (``+dirty`` with uncommitted changes to it), or None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        git = ["git", "-C", str(root)]
+        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "hf_vcreg", "benchmarks"], capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info(device: str) -> dict:
     import timm
     import transformers
@@ -259,6 +273,7 @@ def machine_info(device: str) -> dict:
         "timm": timm.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "commit": code_commit(),
     }
     info["cpu"] = cpu_name()
     if device == "cuda":
@@ -278,7 +293,7 @@ def write_markdown(path: Path, result: dict) -> None:
         f"VCReg settings (library defaults): `{json.dumps(result['vcreg_settings'])}`.",
         f"Machine: {result['machine'].get('gpu') or result['machine']['cpu']}, torch {result['machine']['torch']}, "
         f"transformers {result['machine']['transformers']}, timm {result['machine']['timm']}, "
-        f"{result['machine']['torch_threads']} torch threads.",
+        f"{result['machine']['torch_threads']} torch threads; code at commit {result['machine'].get('commit')}.",
         f"Load average (1, 5, 15 min) before: {result['loadavg_before']}, after: {result['loadavg_after']}.",
         "",
         "Time ratio: median over rounds of the wall-clock t_vcreg / t_plain of one round (IQR beside it); ratio of "

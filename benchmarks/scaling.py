@@ -36,9 +36,9 @@ import torch
 from hf_vcreg.penalty import VCRegFunction, VCRegSpec, explicit_penalty
 
 try:
-    from benchmarks.overhead import cpu_name, write_results
+    from benchmarks.overhead import code_commit, cpu_name, write_results
 except ImportError:  # run as a script (python benchmarks/scaling.py): benchmarks/ itself is on sys.path
-    from overhead import cpu_name, write_results
+    from overhead import code_commit, cpu_name, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,11 +48,14 @@ SWEEPS = {
         "batch": [(b, 65, 192) for b in (8, 16, 32, 64, 128)],
         "tokens": [(64, t, 192) for t in (5, 17, 65, 257)],
         "width": [(64, 65, d) for d in (64, 128, 192, 384, 768)],
+        # pooled features (T = 1) of a batch of 64: fewer rows than features, the n x n Gram path
+        "pooled": [(64, 1, d) for d in (128, 256, 512, 1024)],
     },
     "cuda": {
         "batch": [(b, 197, 768) for b in (16, 32, 64, 128, 256)],
         "tokens": [(128, t, 768) for t in (50, 197, 785)],
         "width": [(128, 197, d) for d in (192, 384, 768, 1024, 1536)],
+        "pooled": [(128, 1, d) for d in (512, 1024, 2048)],
     },
 }
 
@@ -92,8 +95,14 @@ def machine_rates(device, dtype, reps: int) -> dict:
     return {"matmul_flops_per_s": 2 * m**3 / t_mm, "copy_bytes_per_s": 2 * big.numel() * 4 / t_copy}
 
 
-def gradient_flops(n: int, d: int, device) -> float:
-    """Multiply-adds x 2 of the ``gradient`` path: the (blocked) forward Gram plus the backward product."""
+def gradient_flops(n: int, d: int, device, dtype=torch.float32) -> float:
+    """Multiply-adds x 2 of the ``gradient`` path: the (blocked) forward Gram plus the backward product.
+
+    With fewer rows than features (and float32 matmuls: not under CUDA autocast) the ``n x n`` Gram ``Zc Zc^T``
+    and the backward's ``A Zc`` replace them: ``4 n^2 d``.
+    """
+    if n < d and (device.type == "cpu" or dtype == torch.float32):
+        return 4 * n * n * d
     k = min(4, d // 64) if (device.type == "cpu" and n >= 4 * d) else 1
     gram = 2 * n * d * d * ((k + 1) / (2 * k) if k >= 2 else 1.0)
     return gram + 2 * n * d * d
@@ -143,7 +152,7 @@ def measure(shape, device, dtype, reps, rates) -> dict:
     t_grad = _time(run(VCRegFunction.apply), device, reps) - t_id
     t_loss = _time(run(explicit_penalty), device, reps) - t_id
     t_block = _time(block, device, reps)
-    flops = gradient_flops(n, d, device)
+    flops = gradient_flops(n, d, device, dtype)
     elem = x.element_size()
     moved = (1 + 3) * n * d * elem  # forward: read Z; backward: read Z and dY, write dX
     floor_flop = flops / rates["matmul_flops_per_s"]
@@ -168,7 +177,8 @@ def write_markdown(path: Path, result: dict) -> None:
     lines = [
         f"# Cost of one VCReg layer against n and d ({result['device']}, {result['date']})",
         "",
-        f"{result['machine']['cpu']}, torch {result['machine']['torch']}, {result['threads']} threads, "
+        f"{result['machine']['cpu']}, torch {result['machine']['torch']}, code at commit "
+        f"{result['machine'].get('commit')}, {result['threads']} threads, "
         f"{result['clock']} clock, "
         f"{result['dtype']}; load average before {result['loadavg_before']}, after {result['loadavg_after']}. "
         f"Measured matmul rate {rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, copy bandwidth "
@@ -216,7 +226,8 @@ def main(argv=None) -> dict:
         "clock": a.clock,
         "reps": a.reps,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(), "torch": torch.__version__},
+        "machine": {"cpu": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(), "torch": torch.__version__,
+                    "commit": code_commit()},
         "loadavg_before": [round(v, 2) for v in os.getloadavg()],
     }
     rates = machine_rates(device, dtype, a.reps)
