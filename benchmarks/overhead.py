@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -42,13 +43,14 @@ from transformers import Trainer, TrainingArguments
 
 from hf_vcreg import VCRegConfig, VCRegTrainer
 from hf_vcreg.capture import select_layers
+from hf_vcreg.penalty import scratch_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PRESETS = {
     "cpu": dict(
         device="cpu", models=["hf_vit_small", "timm_resnet18"], image_size=32, batch_size=64, dtype="fp32",
-        rounds=30, warmup=3, memory_steps=1, threads=2,
+        rounds=60, warmup=3, memory_steps=1, threads=2,
     ),
     "gpu": dict(
         device="cuda", models=["hf_vit_b16", "timm_vit_b16", "timm_resnet50", "timm_convnext_t"], image_size=224,
@@ -145,6 +147,13 @@ def _cpu_peak_increment(fn) -> int:
     return peak
 
 
+def _median_ci(values: list[float], seed: int, resamples: int = 2000) -> list[float]:
+    """95% bootstrap confidence interval of the median of ``values`` (percentile method)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+
 class Variant:
     def __init__(self, name: str, trainer: Trainer, optimizer, batch, device: str, dtype: str):
         self.name, self.trainer, self.optimizer, self.batch = name, trainer, optimizer, batch
@@ -178,7 +187,10 @@ class Variant:
             self.step()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
-        return static + _cpu_peak_increment(self.step)
+        # the gradient path's reused CPU scratch buffers (hf_vcreg.penalty._scratch) are alive before the step, so
+        # the profiler's increment misses them: count them as held memory of that variant
+        held = scratch_bytes() if self.name == "gradient" else 0
+        return static + held + _cpu_peak_increment(self.step)
 
 
 def measure_model(name: str, opts: dict, implementations: list[str], seed: int, tmp: str) -> dict:
@@ -194,8 +206,10 @@ def measure_model(name: str, opts: dict, implementations: list[str], seed: int, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     common = dict(output_dir=tmp, report_to=[], use_cpu=device == "cpu", seed=seed, disable_tqdm=True)
 
-    variants = [Variant("plain", PlainTrainer(model, TrainingArguments(**common), optimizers=(optimizer, None)),
-                        optimizer, batch, device, dtype)]
+    # "plain_again", a second plain trainer timed like the others, is the A/A check: its ratio to "plain" shows
+    # how far from 1.000 the measurement strays when nothing differs (the resolution of this run)
+    variants = [Variant(name, PlainTrainer(model, TrainingArguments(**common), optimizers=(optimizer, None)),
+                        optimizer, batch, device, dtype) for name in ("plain", "plain_again")]
     for impl in implementations:
         args = VCRegConfig(**common, vcreg_implementation=impl)
         trainer = VCRegTrainer(model, args, optimizers=(optimizer, None))
@@ -212,7 +226,8 @@ def measure_model(name: str, opts: dict, implementations: list[str], seed: int, 
             per_round.append({k: t[0] for k, t in times.items()})
             cpu_round.append({k: t[1] for k, t in times.items()})
     static = _static_cpu_bytes(model, optimizer, batch) if device == "cpu" else 0
-    peaks = {v.name: max(v.peak_bytes(static) for _ in range(opts["memory_steps"])) for v in variants}
+    peaks = {v.name: max(v.peak_bytes(static) for _ in range(opts["memory_steps"])) for v in variants
+             if v.name != "plain_again"}
 
     plain_ms = statistics.median(t["plain"] for t in per_round) * 1e3
     out = {
@@ -221,6 +236,8 @@ def measure_model(name: str, opts: dict, implementations: list[str], seed: int, 
         "regularised_layers": len(select_layers(model, vc_args.vcreg_layers)),
         "plain": {"median_ms": plain_ms, "peak_bytes": peaks["plain"]},
     }
+    aa = sorted(t["plain_again"] / t["plain"] for t in per_round)
+    out["aa"] = {"time_ratio": statistics.median(aa), "time_ratio_ci95": _median_ci(aa, seed)}
     for impl in implementations:
         ratios = sorted(t[impl] / t["plain"] for t in per_round)
         med = statistics.median(t[impl] for t in per_round) * 1e3
@@ -229,6 +246,7 @@ def measure_model(name: str, opts: dict, implementations: list[str], seed: int, 
             "median_ms": med,
             "time_ratio": statistics.median(ratios),
             "time_ratio_iqr": [q[0], q[2]],
+            "time_ratio_ci95": _median_ci(ratios, seed),
             "ratio_of_medians": med / plain_ms,
             # CPU seconds used by this process: less sensitive to other jobs on a shared machine than wall time
             "cpu_time_ratio": statistics.median(t[impl] / t["plain"] for t in cpu_round),
@@ -296,14 +314,16 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{result['machine']['torch_threads']} torch threads; code at commit {result['machine'].get('commit')}.",
         f"Load average (1, 5, 15 min) before: {result['loadavg_before']}, after: {result['loadavg_after']}.",
         "",
-        "Time ratio: median over rounds of the wall-clock t_vcreg / t_plain of one round (IQR beside it); ratio of "
+        "Time ratio: median over rounds of the wall-clock t_vcreg / t_plain of one round (IQR and a 95% bootstrap "
+        "confidence interval of that median beside it; A/A: the same ratio for a second, identical plain step, the "
+        "run's resolution); ratio of "
         "medians: median VCReg step / median plain step; CPU-time ratio: the same paired median of the CPU time this "
         "process used (less sensitive to other jobs on a shared machine); memory ratio: peak bytes of a VCReg step / "
         "of a plain step. Goal met: time ratio and memory ratio both within the goal.",
         "",
-        "| model | layers | plain ms | impl | VCReg ms | time ratio | IQR | ratio of medians | CPU-time ratio | "
-        "peak plain MiB | peak VCReg MiB | memory ratio | goal met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layers | plain ms | impl | VCReg ms | time ratio | IQR | 95% CI | A/A ratio | ratio of medians | "
+        "CPU-time ratio | peak plain MiB | peak VCReg MiB | memory ratio | goal met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     goal = result["goal"]
     for m in result["models"]:
@@ -313,7 +333,8 @@ def write_markdown(path: Path, result: dict) -> None:
             lines.append(
                 f"| {m['model']} | {m['regularised_layers']} | {m['plain']['median_ms']:.1f} | {impl} | "
                 f"{r['median_ms']:.1f} | {r['time_ratio']:.3f} | {r['time_ratio_iqr'][0]:.3f}-"
-                f"{r['time_ratio_iqr'][1]:.3f} | {r['ratio_of_medians']:.3f} | {r['cpu_time_ratio']:.3f} | "
+                f"{r['time_ratio_iqr'][1]:.3f} | {r['time_ratio_ci95'][0]:.3f}-{r['time_ratio_ci95'][1]:.3f} | "
+                f"{m['aa']['time_ratio']:.3f} | {r['ratio_of_medians']:.3f} | {r['cpu_time_ratio']:.3f} | "
                 f"{m['plain']['peak_bytes'] / 2**20:.1f} | "
                 f"{r['peak_bytes'] / 2**20:.1f} | {r['memory_ratio']:.3f} | {'yes' if met else 'no'} |"
             )
@@ -376,7 +397,8 @@ def main(argv=None) -> dict:
                 f"{i}: time x{m[i]['time_ratio']:.3f} (cpu x{m[i]['cpu_time_ratio']:.3f}) mem x{m[i]['memory_ratio']:.3f}"
                 for i in impls
             )
-            print(f"{name}: plain {m['plain']['median_ms']:.1f} ms; {summary}", flush=True)
+            print(f"{name}: plain {m['plain']['median_ms']:.1f} ms (A/A x{m['aa']['time_ratio']:.3f}); {summary}",
+                  flush=True)
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     write_results(Path(a.out) if a.out else RESULTS / f"overhead_{opts['device']}", result, write_markdown)
     return result

@@ -38,7 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from . import publishing
 from .capture import BlockCapture, CapturedLayer, sample_rows, select_layers, unwrap_model
 from .config import VCRegConfig
-from .penalty import VCRegSpec, apply_penalty
+from .penalty import VCRegSpec, apply_penalty, release_scratch
 
 __all__ = ["VCRegTrainer", "last_complete_checkpoint"]
 
@@ -306,6 +306,11 @@ class VCRegTrainer(Trainer):
         if self._vcreg_capture is not None:
             self._vcreg_capture.remove()
 
+    def _finish(self) -> None:
+        """After training / a standalone evaluation: no hooks on the model, no CPU scratch buffers held."""
+        self._remove_hooks()
+        release_scratch()
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from :func:`last_complete_checkpoint`."""
         if resume_from_checkpoint is True:
@@ -325,7 +330,7 @@ class VCRegTrainer(Trainer):
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            self._remove_hooks()
+            self._finish()
 
     # ------------------------------------------------------------------ atomic checkpoints
     def _remove_staged_checkpoints(self) -> None:
@@ -393,7 +398,7 @@ class VCRegTrainer(Trainer):
             return method(*args, **kwargs)
         finally:
             if not self.is_in_train:
-                self._remove_hooks()
+                self._finish()
 
     def evaluate(self, *args, **kwargs):
         return self._evaluation_call(super().evaluate, *args, **kwargs)

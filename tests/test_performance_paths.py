@@ -250,6 +250,56 @@ def test_statistics_matmuls_stay_float32_on_the_cpu_even_under_autocast():
     assert penalty._matmul_dtype(x) is None
 
 
+def test_cpu_scratch_is_reused_sized_to_the_largest_layer_and_released():
+    """Transient Zc / Zc G live in two reused per-thread buffers (no fresh pages per call), never in the outputs."""
+    penalty.release_scratch()
+    big, small = torch.randn(8, 64, 6, 6, requires_grad=True), torch.randn(4, 32, 3, 3, requires_grad=True)
+    for x in (big, small, big):
+        y, p, *_ = VCRegFunction.apply(x, 1, None, SPEC, None)
+        (y.sum() + p).backward()
+    assert penalty.scratch_bytes() == 2 * big.numel() * 4  # slots 0 (Zc) and 1 (Zc G), float32
+    grads = big.grad.clone()
+    penalty.release_scratch()
+    assert penalty.scratch_bytes() == 0
+    big.grad = None
+    for x in (big, small, big):
+        y, p, *_ = VCRegFunction.apply(x, 1, None, SPEC, None)
+        (y.sum() + p).backward()
+    torch.testing.assert_close(big.grad, grads, rtol=0, atol=0)  # the reused buffers changed nothing
+
+
+def test_scratch_is_per_thread_and_safe_under_inference_mode():
+    import threading
+
+    torch.manual_seed(16)
+    xs = [torch.randn(6, 48, 5, 5, dtype=torch.float64) + i for i in range(4)]
+    expected = [_reference(x, 1, None, SPEC, torch.ones_like(x))[0] for x in xs]
+    got, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            for _ in range(20):  # interleave with the other threads' calls
+                g, _ = _ours(xs[i], 1, None, SPEC, torch.ones_like(xs[i]))
+            got[i] = g
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    penalty.release_scratch()
+    x = torch.randn(4, 64, 4, 4) + 1.0
+    with torch.inference_mode():  # a buffer made here is an inference tensor: the next normal call must not use it
+        VCRegFunction.apply(x, 1, None, SPEC, None)
+    g, _ = _ours(x, 1, None, SPEC, torch.ones_like(x))
+    assert _rel(g, _reference(x, 1, None, SPEC, torch.ones_like(x))[0]) < 1e-5
+
+
 @pytest.mark.parametrize(
     "shape,axis,keep,bad",
     [((6, 100, 128), 2, None, None), ((5, 128, 6, 5), 1, None, None), ((8, 65, 96), 2, 200, None),

@@ -143,6 +143,29 @@ def test_logs_task_loss_and_vcreg_terms_in_train_and_eval(tmp_path):
     assert "eval_vcreg/variance/vit.layers.1" in metrics
 
 
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_cpu_scratch_buffers_are_held_during_training_and_released_after(tmp_path, evaluate):
+    from transformers import TrainerCallback
+
+    from hf_vcreg import penalty
+
+    held = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            held.append(penalty.scratch_bytes())
+
+    model = build("hf_resnet")
+    trainer = OrderedTrainer(model=model, args=config(tmp_path, max_steps=2), train_dataset=make_dataset(),
+                             eval_dataset=make_dataset(8, seed=1), callbacks=[Probe()])
+    trainer.train()
+    assert len(held) == 2 and min(held) > 0  # reused across steps: the same buffers, not fresh memory per layer
+    assert held[0] == held[1] and penalty.scratch_bytes() == 0
+    if evaluate:
+        trainer.evaluate()
+        assert penalty.scratch_bytes() == 0
+
+
 def test_model_is_tagged_and_saved_without_trace_of_hf_vcreg(tmp_path):
     model, trainer = train("hf_vit", tmp_path / "run")
     assert "vcreg" in model.model_tags
