@@ -54,7 +54,7 @@ PRESETS = {
     ),
     "gpu": dict(
         device="cuda", models=["hf_vit_b16", "timm_vit_b16", "timm_resnet50", "timm_convnext_t"], image_size=224,
-        batch_size=128, dtype="bf16", rounds=50, warmup=5, memory_steps=3, threads=None,
+        batch_size=128, dtype="bf16", rounds=30, warmup=5, memory_steps=3, threads=None,
     ),
 }
 
