@@ -371,8 +371,9 @@ class VCRegFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
         if isinstance(n, int) and n < 2:  # undefined statistics, known on the host: no work at all
             ctx.valid_host, ctx.valid = False, torch.tensor(False, device=x.device)
-            ctx.mark_non_differentiable(ctx.valid)
-            return x.view_as(x), mu.new_zeros(()), mu.new_zeros(()), mu.new_zeros(()), ctx.valid
+            penalty, v, k = (mu.new_zeros(()) for _ in range(3))
+            ctx.mark_non_differentiable(v, k, ctx.valid)
+            return x.view_as(x), penalty, v, k, ctx.valid
         # d(weight * P)/dC times dC/dZ's factor 2 / (n - 1); with global statistics the multiplier undoes DDP's mean
         scale = spec.weight * spec.grad_multiplier * 2 / _bessel(n)
         if isinstance(n, int) and spec.delta is None and rows_used < d and matmul_dtype is None:

@@ -121,6 +121,7 @@ def test_fewer_than_two_rows_skip_the_layer():
     y, p, v, k, valid = VCRegFunction.apply(x, 1, None, spec, None)
     (y.sum() + p).backward()
     assert not bool(valid) and p.item() == 0.0
+    assert not v.requires_grad and not k.requires_grad and p.requires_grad  # as on the regular path
     torch.testing.assert_close(x.grad, torch.ones_like(x))  # only the identity path
 
 
