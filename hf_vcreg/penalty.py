@@ -312,7 +312,7 @@ def _variance_terms(diag: torch.Tensor, spec: VCRegSpec) -> tuple[torch.Tensor, 
 def _penalty_and_grad_matrix(
     c: torch.Tensor, spec: VCRegSpec, scale: float | torch.Tensor = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``V``, ``K``, ``scale * dP/dC`` (``P = alpha V + beta K``) and ``s = sqrt(diag(C) + eps)``.
+    """``V``, ``K``, ``scale * dP/dC`` (``P = alpha V + beta K``) and the variances ``diag(C)`` (a copy).
 
     ``dP/dC`` is symmetric: its diagonal comes from V, the rest from K. It is written **into** ``c`` (returned as
     the third output): the covariance matrix is not needed afterwards, so no ``d x d`` copy is made; one dot product
@@ -322,6 +322,7 @@ def _penalty_and_grad_matrix(
     d = c.shape[0]
     diag = c.diagonal()
     s, inv_s, v = _variance_terms(diag, spec)
+    variances = diag.clone()
     diag.zero_()  # c is now the off-diagonal part of C
     pairs = d * (d - 1)
     if d < 2:
@@ -334,7 +335,7 @@ def _penalty_and_grad_matrix(
         c.clamp_(-spec.delta, spec.delta)
     c.mul_(2 * spec.beta / max(pairs, 1) * scale)
     torch.mul(inv_s, -spec.alpha / (2 * d) * scale, out=diag)
-    return v, k, c, s
+    return v, k, c, variances
 
 
 class VCRegFunction(torch.autograd.Function):
@@ -377,16 +378,16 @@ class VCRegFunction(torch.autograd.Function):
         # d(weight * P)/dC times dC/dZ's factor 2 / (n - 1); with global statistics the multiplier undoes DDP's mean
         scale = spec.weight * spec.grad_multiplier * 2 / _bessel(n)
         if isinstance(n, int) and spec.delta is None and rows_used < d and matmul_dtype is None:
-            v, k, s = VCRegFunction._dual(ctx, zc, n, spec, scale, sdt)
+            v, k, variances = VCRegFunction._dual(ctx, zc, n, spec, scale, sdt)
         else:
             cov = _gram(zc, sdt)
             del zc  # the only copy of the activation is gone before the penalty is computed
             if group is not None:
                 dist.all_reduce(cov, group=group)
             cov.div_(_bessel(n))
-            v, k, ctx.g, s = _penalty_and_grad_matrix(cov, spec, scale)
-        # Any non-finite C_ij makes K non-finite (a non-finite column spoils all its covariances); d = 1: check s.
-        check = k if d > 1 else s.sum()
+            v, k, ctx.g, variances = _penalty_and_grad_matrix(cov, spec, scale)
+        # Any non-finite C_ij makes K non-finite (a non-finite column spoils all its covariances); d = 1: check C_11.
+        check = k if d > 1 else variances.sum()
         penalty = torch.add(v * (spec.weight * spec.alpha), k, alpha=spec.weight * spec.beta)
         if _host_readable(check):  # known without a device sync: an invalid layer skips the backward work
             ctx.valid_host = math.isfinite(float(check)) and (isinstance(n, int) or bool(n >= 2))
@@ -398,7 +399,7 @@ class VCRegFunction(torch.autograd.Function):
             ctx.valid_host = None
             valid = torch.isfinite(check) if isinstance(n, int) else torch.isfinite(check) & (n >= 2)
             penalty = torch.where(valid, penalty, 0.0)
-        ctx.s, ctx.valid = s, valid
+        ctx.variances, ctx.valid = variances, valid
         ctx.mark_non_differentiable(v, k, valid)
         return x.view_as(x), penalty, v, k, valid
 
@@ -417,7 +418,7 @@ class VCRegFunction(torch.autograd.Function):
         # Zc G = off * (Zc C) + Zc diag(dP/dC_jj - off * C_jj), and Zc C = A Zc
         w = inv_s.mul_(-spec.alpha / (2 * d)).sub_(c_diag, alpha=off).mul_(scale)
         ctx.dual = (a.mul_(off * scale), w)
-        return v, k, s
+        return v, k, c_diag
 
     @staticmethod
     def backward(ctx, grad_x, grad_penalty, *unused):
@@ -456,9 +457,9 @@ class VCRegFunction(torch.autograd.Function):
             # Feature-last float32/float64 (transformer tokens): one matmul that also adds the incoming gradient.
             # Zc G = Z G - 1 (mu^T G): no centred copy, one pass for the mean's row, when the mean is moderate: the
             # rounding error, relative to the result, grows like |mu| / sigma (1e-5 in float32 at 100 sigma).
-            uncentred = (
-                ctx.valid_host is not None
-                and float(torch.linalg.vector_norm(ctx.mu / ctx.s, float("inf"))) <= _MAX_MEAN_OVER_STD
+            # max_j |mu_j| / sigma_j (no eps): a constant feature (mu / 0: inf or NaN) takes the exact centred path
+            uncentred = ctx.valid_host is not None and (
+                float(torch.linalg.vector_norm(ctx.mu / ctx.variances.sqrt(), float("inf"))) <= _MAX_MEAN_OVER_STD
             )
             z = samples.reshape(-1, d) if uncentred else _centred(samples, ctx.mu, g.dtype)
             grad_in = torch.addmm(grad_samples.reshape(-1, d), z, g, alpha=gp)

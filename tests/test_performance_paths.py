@@ -95,6 +95,20 @@ def test_non_contiguous_input_and_gradient_take_the_generic_path_float64():
     torch.testing.assert_close(xr.grad, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss_scale", [1.0, 3.0, 1024.0])
+def test_constant_feature_gets_exactly_zero_penalty_gradient(dtype, loss_scale):
+    """A constant feature's true gradient is exactly 0 (Zc = 0). The feature-last fast path (Z G - 1 mu^T G) would
+    leave rounding noise there, so a zero spread sends it to the centred path (found by the slow fuzz test: a
+    (4, 1) column of 2.0, loss scale 3)."""
+    x = torch.cat([torch.full((64, 1), 2.0, dtype=dtype), torch.randn(64, 3, dtype=dtype)], dim=1)
+    x.requires_grad_()
+    spec = VCRegSpec(alpha=0.5, beta=0.3, gamma=0.5, eps=0.01)
+    y, p, v, k, valid = VCRegFunction.apply(x, 1, None, spec, None)
+    ((y * 0).sum() + loss_scale * p).backward()
+    assert bool(valid) and torch.count_nonzero(x.grad[:, 0]) == 0 and torch.count_nonzero(x.grad[:, 1:]) > 0
+
+
 @pytest.mark.parametrize("shape,axis", [((64, 65, 192), 2), ((16, 256, 4, 4), 1)])
 def test_float32_gradient_matches_float64_to_float32_rounding(shape, axis):
     """The CPU goal's shapes (small ViT tokens; a ResNet stage) in float32: errors at float32 rounding."""
