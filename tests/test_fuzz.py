@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
+from _reference import reference_gradient, sample_matrix
 from hf_vcreg import BlockCapture, VCRegFunction, VCRegSpec, covariance_loss, variance_loss, vcreg_loss
 from hf_vcreg.capture import feature_axis
 from hf_vcreg.penalty import apply_penalty
@@ -79,23 +80,6 @@ def block_outputs(draw):
     return x, axis, rows, spec
 
 
-def _sample_matrix(x, axis, rows):
-    z = x.movedim(axis, -1).reshape(-1, x.shape[axis])
-    return z if rows is None else z[rows]
-
-
-def _reference(x, axis, rows, spec, w, c):
-    """d/dx of (x * w).sum() + c * weight * (alpha V + beta K), all in float64 with autograd."""
-    x64 = x.detach().double().requires_grad_()
-    z = _sample_matrix(x64, axis, rows)
-    if z.shape[0] < 2:
-        (x64 * w.double()).sum().backward()
-        return x64.grad, None, None, None
-    total, v, k = vcreg_loss(z, spec.alpha, spec.beta, spec.gamma, spec.eps, spec.delta)
-    ((x64 * w.double()).sum() + c * spec.weight * total).backward()
-    return x64.grad, total.detach(), v.detach(), k.detach()
-
-
 GRADIENT_CASES = dict(
     case=block_outputs(),
     implementation=st.sampled_from(["gradient", "loss"]),
@@ -123,7 +107,7 @@ def check_penalty_gradient(case, implementation, c, w_scale):
     w = (w_scale * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(x.dtype)
     xg = x.detach().requires_grad_()
     out, penalty, v, k, valid = apply_penalty(xg, axis, rows, spec, None, implementation)
-    n_rows = _sample_matrix(x, axis, rows).shape[0]
+    n_rows = sample_matrix(x, axis, rows).shape[0]
     # identity forward
     assert out.shape == x.shape and out.dtype == x.dtype and torch.equal(out.detach(), x)
     # the same memory layout (the stride of a size-1 axis means nothing and may differ)
@@ -131,7 +115,7 @@ def check_penalty_gradient(case, implementation, c, w_scale):
     assert bool(valid) == (n_rows >= 2)
     assert all(torch.isfinite(t).all() for t in (penalty, v, k))
     ((out * w).sum() + c * penalty).backward()
-    ref_grad, ref_total, ref_v, ref_k = _reference(x, axis, rows, spec, w, c)
+    ref_grad, ref_total, ref_v, ref_k = reference_gradient(x, axis, rows, spec, w, c)
     tol = TOLERANCE[x.dtype]
     assert torch.isfinite(xg.grad).all() and xg.grad.dtype == x.dtype and xg.grad.shape == x.shape
     scale = ref_grad.abs().max().item() + 1e-30
@@ -314,6 +298,6 @@ def test_vcreg_function_through_a_captured_block_adds_exactly_its_penalty_gradie
         y = model(xg)
     (y.sum() + penalties[0]).backward()
     capture.remove()
-    ref_grad, *_ = _reference(x, axis, None, spec, torch.ones_like(x), 1.0)
+    ref_grad, *_ = reference_gradient(x, axis, None, spec, torch.ones_like(x), 1.0)
     tol = TOLERANCE[x.dtype]
     assert (xg.grad.double() - ref_grad).abs().max().item() <= tol * (ref_grad.abs().max().item() + 1e-30)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from _reference import reference_gradient
 from hf_vcreg import VCRegFunction, VCRegSpec, covariance_loss, covariance_matrix, variance_loss, vcreg_loss
 from hf_vcreg.penalty import explicit_penalty
 
@@ -44,16 +45,6 @@ def test_sample_matrix_must_be_2d_with_two_rows():
         covariance_loss(torch.randn(1, 4))
 
 
-def _reference_grad(x, axis, rows, spec, w):
-    x = x.detach().clone().requires_grad_()
-    z = x.movedim(axis, -1).reshape(-1, x.shape[axis])
-    if rows is not None:
-        z = z[rows]
-    pen, _, _ = vcreg_loss(z, spec.alpha, spec.beta, spec.gamma, spec.eps, spec.delta)
-    ((x * w).sum() + 3.0 * spec.weight * pen).backward()
-    return x.grad
-
-
 @pytest.mark.parametrize("shape,axis", SHAPES)
 @pytest.mark.parametrize("delta", [None, 0.05])
 @pytest.mark.parametrize("subset", [False, True])
@@ -66,7 +57,7 @@ def test_gradient_function_equals_autograd_of_explicit_loss_float64(shape, axis,
     w = torch.randn_like(x)
     y, p, v, k, valid = VCRegFunction.apply(x, axis, rows, spec, None)
     ((y * w).sum() + 3.0 * p).backward()
-    expected = _reference_grad(x, axis, rows, spec, w)
+    expected = reference_gradient(x, axis, rows, spec, w)[0]
     torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-12)
     assert bool(valid)
     # the forward is the identity and the logged values are the explicit ones
