@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from hf_vcreg.penalty import VCRegFunction, VCRegSpec, explicit_penalty
+from hf_vcreg.penalty import VCRegFunction, VCRegSpec, explicit_penalty, gram_blocks
 
 try:
     from benchmarks.overhead import code_commit, cpu_name, write_results
@@ -103,7 +103,7 @@ def gradient_flops(n: int, d: int, device, dtype=torch.float32) -> float:
     """
     if n < d and (device.type == "cpu" or dtype == torch.float32):
         return 4 * n * n * d
-    k = min(4, d // 64) if (device.type == "cpu" and n >= 4 * d) else 1
+    k = gram_blocks(n, d, device)
     gram = 2 * n * d * d * ((k + 1) / (2 * k) if k >= 2 else 1.0)
     return gram + 2 * n * d * d
 

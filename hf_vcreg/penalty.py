@@ -171,6 +171,16 @@ class VCRegSpec:
 _MAX_MEAN_OVER_STD = 100.0
 
 
+def _row_index(samples: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Index of the ``rows`` (positions in the flattened sample axes) of a feature-last view ``(*samples, d)``."""
+    return torch.unravel_index(rows, samples.shape[:-1])
+
+
+def _used_rows(samples: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The samples that enter the statistics: all of them, or the ``rows`` subset as ``(len(rows), d)``."""
+    return samples if rows is None else samples[_row_index(samples, rows)]
+
+
 def _moments(
     samples: torch.Tensor, rows: torch.Tensor | None, group, dtype: torch.dtype | None = None
 ) -> tuple[int | torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,8 +192,7 @@ def _moments(
     """
     d = samples.shape[-1]
     sdt = _stat_dtype(samples.dtype)
-    if rows is not None:
-        samples = samples[torch.unravel_index(rows, samples.shape[:-1])]
+    samples = _used_rows(samples, rows)
     n_local = samples.numel() // d if d else 0
     total = samples.sum(dim=tuple(range(samples.dim() - 1)), dtype=sdt)
     if group is None:
@@ -254,6 +263,8 @@ def _host_readable(t: torch.Tensor) -> bool:
 def _bessel(n: int | torch.Tensor) -> int | torch.Tensor:
     """``max(n - 1, 1)`` for a host count or a 0-d tensor count."""
     return max(n - 1, 1) if isinstance(n, int) else (n - 1).clamp(min=1)
+
+
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
     """Half-precision input dtype for the statistics' matmuls, or ``None`` for float32 (float64) matmuls.
 
@@ -278,6 +289,11 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tenso
     return (a.float() @ b.float()).to(out_dtype)
 
 
+def gram_blocks(n: int, d: int, device: torch.device) -> int:
+    """Column blocks of :func:`_gram` for ``n`` rows and ``d`` features (1: one full product)."""
+    return min(4, d // 64) if (device.type == "cpu" and n >= 4 * d) else 1
+
+
 def _gram(zc: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``Zc^T Zc`` of a ``(n, d)`` matrix, each off-diagonal block computed once.
 
@@ -286,7 +302,7 @@ def _gram(zc: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     (the other triangle is a copy). Elsewhere (GPU: fewer launches matter more) one full product.
     """
     n, d = zc.shape
-    k = min(4, d // 64) if (zc.device.type == "cpu" and n >= 4 * d) else 1
+    k = gram_blocks(n, d, zc.device)
     if k < 2:
         return _mm(zc.T, zc, out_dtype)
     c = torch.empty((d, d), dtype=out_dtype, device=zc.device)
@@ -298,15 +314,15 @@ def _gram(zc: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return c
 
 
-def _variance_terms(diag: torch.Tensor, spec: VCRegSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(s, 1 / s where gamma > s else 0, V)`` from the variances ``C_jj``, with ``s = sqrt(C_jj + eps)``.
+def _variance_terms(diag: torch.Tensor, spec: VCRegSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1 / s where gamma > s else 0, V)`` from the variances ``C_jj``, with ``s = sqrt(C_jj + eps)``.
 
     ``dV/dC_jj`` is ``-1 / (2 d s_j)`` where ``gamma > s_j``: the caller multiplies the second output by
     ``-alpha / (2 d)``. ``eps > 0`` keeps ``s`` positive.
     """
     s = diag.add(spec.eps).sqrt_()
     hinge = torch.rsub(s, spec.gamma).relu_()
-    return s, torch.div(hinge > 0, s), hinge.mean()
+    return torch.div(hinge > 0, s), hinge.mean()
 
 
 def _penalty_and_grad_matrix(
@@ -321,7 +337,7 @@ def _penalty_and_grad_matrix(
     """
     d = c.shape[0]
     diag = c.diagonal()
-    s, inv_s, v = _variance_terms(diag, spec)
+    inv_s, v = _variance_terms(diag, spec)
     variances = diag.clone()
     diag.zero_()  # c is now the off-diagonal part of C
     pairs = d * (d - 1)
@@ -409,7 +425,7 @@ class VCRegFunction(torch.autograd.Function):
         d = zc.shape[1]
         a = _mm(zc, zc.T, sdt).div_(n - 1)  # A = Zc Zc^T / (n - 1): same nonzero spectrum as C
         c_diag = torch.mul(zc, zc, out=_scratch(1, zc.shape, zc.dtype, zc.device)).sum(dim=0).div_(n - 1)
-        s, inv_s, v = _variance_terms(c_diag, spec)
+        inv_s, v = _variance_terms(c_diag, spec)
         pairs = d * (d - 1)
         flat = a.view(-1)
         # ||C||_F^2 - sum_j C_jj^2: with n < d, C has rank < d and its off-diagonal part dominates (no cancellation)
@@ -479,9 +495,7 @@ class VCRegFunction(torch.autograd.Function):
 
     @staticmethod
     def _centred_rows(ctx, samples: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if ctx.rows is not None:
-            samples = samples[torch.unravel_index(ctx.rows, samples.shape[:-1])]
-        return _centred(samples, ctx.mu, dtype)
+        return _centred(_used_rows(samples, ctx.rows), ctx.mu, dtype)
 
     @staticmethod
     def _add(ctx, grad_x: torch.Tensor, extra: torch.Tensor, gp: float, samples: torch.Tensor) -> torch.Tensor:
@@ -491,8 +505,9 @@ class VCRegFunction(torch.autograd.Function):
         if ctx.rows is None:
             return torch.add(grad_x, extra.view(samples.shape).movedim(-1, ctx.axis), alpha=gp)
         grad_in = grad_x.clone()
-        index = torch.unravel_index(ctx.rows, samples.shape[:-1])
-        samples_view(grad_in, ctx.axis).index_put_(index, extra.mul_(gp) if gp != 1.0 else extra, accumulate=True)
+        if gp != 1.0:
+            extra.mul_(gp)
+        samples_view(grad_in, ctx.axis).index_put_(_row_index(samples, ctx.rows), extra, accumulate=True)
         return grad_in
 
 
@@ -508,10 +523,8 @@ def _explicit_penalty(x, axis, rows, spec, group):
     With a process group the moments are all-reduced with ``torch.distributed.nn`` so that autograd sums
     the gradient over ranks; DDP's averaging then gives the gradient of the global penalty (no multiplier).
     """
-    samples = samples_view(x, axis)
+    samples = _used_rows(samples_view(x, axis), rows)
     d = samples.shape[-1]
-    if rows is not None:
-        samples = samples[torch.unravel_index(rows, samples.shape[:-1])]
     z = samples.reshape(-1, d).to(_stat_dtype(x.dtype))
     # NOTE: an invalid layer must get a gradient of exactly 0, and masking only the penalty (torch.where) is not
     # enough: the backward would still multiply that 0 by the inf in Z (or in an overflowed C), giving NaN. So
