@@ -837,7 +837,7 @@ def aggregate(runs: list[dict], metric: str) -> dict:
     return out
 
 
-def _fmt(x: float, pct: bool) -> str:
+def fmt(x: float, pct: bool) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3g}"
 
 
@@ -863,12 +863,12 @@ def markdown_table(res: dict, metric: str, label: str) -> str:
             delta, pos = "—", "—"
         else:
             sign = "+" if a["diff_mean"] >= 0 else "−"
-            delta = f"{sign}{_fmt(abs(a['diff_mean']), pct)}"
+            delta = f"{sign}{fmt(abs(a['diff_mean']), pct)}"
             if a["diff_std"] is not None:
-                delta += f" ± {_fmt(a['diff_std'], pct)}"
+                delta += f" ± {fmt(a['diff_std'], pct)}"
             pos = f"{a['diff_positive']}/{a['n']}"
         lines.append(
-            f"| {model} | {variant} | {_fmt(a['mean'], pct)} ± {_fmt(a['std'], pct)} | {a['n']} | {delta} | {pos} |"
+            f"| {model} | {variant} | {fmt(a['mean'], pct)} ± {fmt(a['std'], pct)} | {a['n']} | {delta} | {pos} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -891,7 +891,7 @@ def write_markdown(json_path: Path) -> Path:
     return path
 
 
-def _load_results(out: Path) -> dict[str, dict]:
+def load_results(out: Path) -> dict[str, dict]:
     """``{experiment: results}`` of every results file in ``out``."""
     found = {}
     for p in sorted(Path(out).glob("*.json")):
@@ -904,7 +904,7 @@ def _load_results(out: Path) -> dict[str, dict]:
 def plot_summary(out: Path, results: dict[str, dict] | None = None) -> list[Path]:
     """Bar charts (mean ± std over seeds) of the headline metric per experiment, effective rank per block, sweep
     heatmap; from ``results`` (``{experiment: results}``) or, if None, the results files in ``out``."""
-    results = _load_results(out) if results is None else results
+    results = load_results(out) if results is None else results
     import matplotlib
 
     matplotlib.use("Agg")

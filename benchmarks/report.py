@@ -15,7 +15,9 @@ import json
 import os
 from pathlib import Path
 
-from .evidence import HEADLINES, _load_results, aggregate, is_fraction, markdown_table, plot_summary, select_defaults
+from .evidence import (
+    HEADLINES, aggregate, fmt, is_fraction, load_results, markdown_table, plot_summary, select_defaults,
+)
 
 # The comparison shown in the key table: (experiment, metric, label, what "+" means).
 KEY_ROWS = [
@@ -45,21 +47,17 @@ def verdict(a: dict) -> str:
     return "no consistent effect"
 
 
-def _fmt(x, pct):
-    return f"{100 * x:.1f}" if pct else f"{x:.3g}"
-
-
 def load(results: Path, extra_sweeps: list[Path] = ()) -> dict[str, dict]:
     """Results files of ``results``; the sweep runs of ``extra_sweeps`` (supplementary grids run later with
     ``--sweep-alphas/--sweep-betas``) are merged into the sweep (first run of each (model, variant, seed) kept)
     and the selection is recomputed over the merged grid."""
-    out = _load_results(results)
+    out = load_results(results)
     if "starvation" in out:
         for run in out["starvation"]["runs"]:  # derived: accuracy lost when the minor coordinate x1 is shuffled
             m = run["metrics"]
             m["minor_feature_reliance"] = m["test_accuracy"] - m["minor_shuffled_accuracy"]
     for extra in extra_sweeps:
-        more = _load_results(extra).get("sweep")
+        more = load_results(extra).get("sweep")
         if more is None:
             raise FileNotFoundError(f"no sweep.json in {extra}")
         if "sweep" not in out:
@@ -98,15 +96,15 @@ def key_table(res: dict[str, dict], variant_of: dict[str, str] | None = None) ->
                     continue
                 ver = verdict(a)
                 d = a["diff_mean"]
-                sd = f" ± {_fmt(a['diff_std'], pct)}" if a["diff_std"] is not None else ""
+                sd = f" ± {fmt(a['diff_std'], pct)}" if a["diff_std"] is not None else ""
                 name = label if v == "vcreg" else f"{label} [{v}]"
                 lines.append(
-                    f"| {name} | {model} | {_fmt(base['mean'], pct)} ± {_fmt(base['std'], pct)} | "
-                    f"{_fmt(a['mean'], pct)} ± {_fmt(a['std'], pct)} | {'+' if d >= 0 else '−'}{_fmt(abs(d), pct)}{sd} | "
+                    f"| {name} | {model} | {fmt(base['mean'], pct)} ± {fmt(base['std'], pct)} | "
+                    f"{fmt(a['mean'], pct)} ± {fmt(a['std'], pct)} | {'+' if d >= 0 else '−'}{fmt(abs(d), pct)}{sd} | "
                     f"{a['diff_positive']}/{a['n']} | {ver} ({meaning}) |"
                 )
                 if not ver.startswith("**+**"):
-                    not_helping.append(f"- {label}, {model} ({v}): Δ = {'+' if d >= 0 else '−'}{_fmt(abs(d), pct)}{sd}, "
+                    not_helping.append(f"- {label}, {model} ({v}): Δ = {'+' if d >= 0 else '−'}{fmt(abs(d), pct)}{sd}, "
                                        f"{a['diff_positive']}/{a['n']} seeds ahead: {ver}.")
     return "\n".join(lines) + "\n", not_helping
 
@@ -167,11 +165,7 @@ def build(results: Path, out: Path, extra_sweeps: list[Path] = (), supplementary
     parts += ["## Where VCReg does not help (in these runs)", ""]
     parts += (not_helping or ["- Every key comparison moved in VCReg's favour on every seed."]) + [""]
     if "sweep" in res:
-        agg = aggregate(res["sweep"]["runs"], "fine_probe_accuracy")
-        for model in sorted({m for m, _ in agg}):
-            entries = {v: a for (m, v), a in agg.items() if m == model and a["diff_mean"] is not None}
-            if not entries:
-                continue
+        for model, entries in sweep_entries(res["sweep"]).items():
             below = [v for v, a in entries.items() if a["diff_mean"] < 0]
             worst = min(entries, key=lambda v: entries[v]["diff_mean"])
             parts.append(f"- Sweep (hierarchical probe), {model}: {len(below)}/{len(entries)} (alpha, beta) entries below "
@@ -257,15 +251,22 @@ def build(results: Path, out: Path, extra_sweeps: list[Path] = (), supplementary
     return text
 
 
-def per_model_best(sweep: dict, metric: str = "fine_probe_accuracy") -> str:
-    """Per model: the best sweep entry and how many entries beat that model's baseline on the mean over seeds."""
+def sweep_entries(sweep: dict, metric: str = "fine_probe_accuracy") -> dict[str, dict[str, dict]]:
+    """``{model: {variant: aggregate}}`` of the sweep's VCReg entries that have a paired difference to the baseline."""
     agg = aggregate(sweep["runs"], metric)
-    lines = ["| model | best entry | its Δ vs baseline (pts, paired) | entries with mean Δ > 0 | worst entry (Δ) |",
-             "|---|---|---|---|---|"]
+    by_model = {}
     for model in sorted({m for m, _ in agg}):
         entries = {v: a for (m, v), a in agg.items() if m == model and v != "baseline" and a["diff_mean"] is not None}
-        if not entries:
-            continue
+        if entries:
+            by_model[model] = entries
+    return by_model
+
+
+def per_model_best(sweep: dict, metric: str = "fine_probe_accuracy") -> str:
+    """Per model: the best sweep entry and how many entries beat that model's baseline on the mean over seeds."""
+    lines = ["| model | best entry | its Δ vs baseline (pts, paired) | entries with mean Δ > 0 | worst entry (Δ) |",
+             "|---|---|---|---|---|"]
+    for model, entries in sweep_entries(sweep, metric).items():
         best = max(entries, key=lambda v: entries[v]["mean"])
         worst = min(entries, key=lambda v: entries[v]["mean"])
         ahead = sum(a["diff_mean"] > 0 for a in entries.values())
