@@ -65,6 +65,7 @@ from hf_vcreg.capture import feature_axis
 from hf_vcreg.config import VCREG_DEFAULTS
 
 from . import data as bdata
+from .overhead import cpu_name
 
 # Run order: the sweep before the image comparisons, because its best (alpha, beta) is the VCReg setting of every
 # later comparison; starvation (independent, cheap) first.
@@ -124,17 +125,8 @@ PROFILES = {
 
 # ---------------------------------------------------------------------------------------------- metadata
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
