@@ -154,10 +154,13 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] = "blocks") -> l
             raise ValueError(f"vcreg_layers pattern '{pattern}' is not a valid regular expression: {err}") from err
         matched = [n for n in names if regex.fullmatch(n)]
         if not matched:
+            blocks = find_blocks(model)
+            use_blocks = "'blocks' (every detected block) or " if blocks else ""
             raise ValueError(
-                f"vcreg_layers pattern '{pattern}' matches no module of {type(model).__name__}. Patterns are "
-                f"matched in full against module names. Detected blocks: {find_blocks(model)}; other candidates: "
-                f"{_candidate_names(model)}"
+                f"vcreg_layers={layers!r} is invalid: pattern '{pattern}' matches no module of "
+                f"{type(model).__name__} (patterns are matched in full against module names). Fix: use {use_blocks}"
+                f"a regular expression that matches one of these module names in full. Detected blocks: {blocks}; "
+                f"other candidates: {_candidate_names(model)}"
             )
         selected.extend(m for m in matched if m not in selected)
     order = {n: i for i, n in enumerate(names)}

@@ -73,7 +73,9 @@ class VCRegConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Cap on the rows (samples = tokens x images) per layer used for the statistics: a random subset, "
-            "seeded by (seed, step, layer) so that resumed runs draw the same rows. Unset: all rows. >= 2."
+            "seeded by (seed, step, micro-batch, layer), with the micro-batches counted apart for training and "
+            "evaluation (each evaluation restarts its count), so that resumed runs draw the same rows. Unset: all "
+            "rows. >= 2."
         },
     )
     vcreg_distributed_stats: bool = field(
@@ -116,6 +118,10 @@ class VCRegConfig(TrainingArguments):
             isinstance(self.vcreg_max_rows, bool) or not isinstance(self.vcreg_max_rows, int) or self.vcreg_max_rows < 2
         ):
             raise bad("vcreg_max_rows", "use an integer >= 2 (a covariance needs 2 rows), or leave it unset.")
+        for name in ("vcreg_distributed_stats", "vcreg_log_per_layer"):  # JSON "false" / 0 would be truthy
+            if type(getattr(self, name)) is not bool:
+                raise bad(name, "use a bool: true or false (True / False in Python); strings such as 'false', "
+                          "numbers such as 0 and numpy bools are refused.")
         if not isinstance(self.vcreg_layers, str) or not self.vcreg_layers.strip(", "):
             raise bad("vcreg_layers", "use 'blocks', 'last' or comma-separated module-name regular expressions.")
         if self.vcreg_layers not in ("blocks", "last"):  # patterns: compile now; matching needs the model (trainer)

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -225,12 +225,24 @@ def save_image_processor(model: nn.Module, processing_class: Any, output_dir: st
 
 
 # ------------------------------------------------------------------------------------------ model card
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, exact: bool = True) -> str:
+    """``value`` as a cell of a card table (GitHub-flavoured markdown) that reads back to the same value.
+
+    Floats: the shortest text that round-trips (``repr``: ``0.0123456789``, ``1e-06``, ``nan``), or 6
+    significant digits when not ``exact`` (logged metrics). Ints: their digits. ``None`` / bools: ``None``,
+    ``True``, ``False``. Anything else (strings): its text in a code span, which keeps backslashes literal, with
+    every ``|`` escaped as ``\\|`` (GFM splits rows on unescaped pipes, even inside code spans, and renders
+    ``\\|`` as ``|``); a longer backtick fence and padding spaces when the text holds backticks or is wrapped in
+    spaces, as GFM's code spans need. Reading back: un-fence, then replace every ``\\|`` by ``|``.
+    """
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    if isinstance(value, int) and not isinstance(value, bool):
+        return repr(float(value)) if exact else f"{value:.6g}"  # float(): numpy's repr is "np.float64(...)"
+    if value is None or isinstance(value, int):  # bools too
         return str(value)
-    return "`None`" if value is None else f"`{value}`"
+    text = str(value).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or (text[:1] == text[-1:] == " " and text.strip()) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def final_metrics(log_history: list[dict]) -> dict[str, list[tuple[str, str, Any, int]]]:
@@ -317,7 +329,7 @@ def render_model_card(
         vcreg_hparams=[(k, _fmt(v)) for k, v in vcreg_hparams.items()],
         layer_names=layer_names,
         dataset=dataset,
-        metrics={split: [(label, key, _fmt(value), step) for key, label, value, step in rows]
+        metrics={split: [(label, key, _fmt(value, exact=False), step) for key, label, value, step in rows]
                  for split, rows in metrics.items()},
         training_hparams=[(k, _fmt(v)) for k, v in (training_hparams or {}).items()],
         bibtex=PAPER_BIBTEX,

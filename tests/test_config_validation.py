@@ -53,6 +53,11 @@ INVALID_TYPES = [
     ("vcreg_max_rows", 2.5, r"integer >= 2"),
     ("vcreg_max_rows", True, r"integer >= 2"),
     ("vcreg_layers", 3, r"'blocks', 'last'"),
+    ("vcreg_distributed_stats", "false", r"use a bool: true or false"),  # truthy: would turn the all-reduce on
+    ("vcreg_distributed_stats", 0, r"use a bool: true or false"),
+    ("vcreg_distributed_stats", None, r"use a bool: true or false"),
+    ("vcreg_log_per_layer", "true", r"use a bool: true or false"),
+    ("vcreg_log_per_layer", 1, r"use a bool: true or false"),
 ]
 
 
@@ -109,6 +114,25 @@ def test_command_line_refuses_a_non_integer_row_cap_and_unknown_json_keys(tmp_pa
         parser.parse_json_file(str(path))
 
 
+@pytest.mark.parametrize("field", ["vcreg_distributed_stats", "vcreg_log_per_layer"])
+def test_bool_fields_refuse_numpy_bools_and_the_command_line_converts_or_refuses_strings(tmp_path, capsys, field):
+    import numpy as np
+
+    with pytest.raises(ValueError, match=_message(field, np.True_, "use a bool: true or false")):
+        VCRegConfig(output_dir=str(tmp_path), **{field: np.True_})
+    parser = HfArgumentParser(VCRegConfig)
+    for text, expected in (("false", False), ("False", False), ("0", False), ("true", True), ("1", True)):
+        (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), f"--{field}={text}"])
+        assert getattr(args, field) is expected, text
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), f"--{field}"])  # bare flag
+    assert getattr(args, field) is True
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses other strings itself, before the config exists
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), f"--{field}=maybe"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"argument --{field}(/--[\w-]+)?: Truthy value expected: got maybe", err), err
+
+
 def test_valid_values_pass_every_route_unchanged(tmp_path):
     values = dict(
         vcreg_alpha=0.0, vcreg_beta=2.5, vcreg_gamma=0.5, vcreg_eps=1e-6, vcreg_delta=0.25, vcreg_max_rows=2,
@@ -128,8 +152,10 @@ def test_valid_values_pass_every_route_unchanged(tmp_path):
 # --------------------------------------------------------------------------------- refused when the trainer is built
 def test_pattern_matching_no_module_is_refused_with_the_detected_blocks(tmp_path):
     pattern = r"vit\.layer\.0"  # a 4.x module name: 5.x renamed vit.encoder.layer to vit.layers
-    expected = r"vcreg_layers pattern '" + re.escape(pattern) + r"' matches no module.*Detected blocks: " + re.escape(
-        "['vit.layers.0', 'vit.layers.1']"
+    expected = (
+        rf"^vcreg_layers={re.escape(repr(pattern))} is invalid: pattern '{re.escape(pattern)}' matches no module.*"
+        r"Fix: use 'blocks' \(every detected block\) or a regular expression that matches one of these module names "
+        r"in full\. Detected blocks: " + re.escape("['vit.layers.0', 'vit.layers.1']")
     )
     with pytest.raises(ValueError, match=expected):
         trainer("hf_vit", config(tmp_path, vcreg_layers=pattern))
@@ -162,20 +188,31 @@ def test_plain_training_arguments_are_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- the saved config reproduces
-CARD_ROW = re.compile(r"^\| `(vcreg_\w+)` \| (.*) \|$", re.MULTILINE)
+def _card_value(cell: str):
+    """A card cell back to its value: a code span is a string (GFM: ``\\|`` is ``|``), else None/bool/int/float."""
+    span = re.fullmatch(r"(`+)( ?)(.*)\2\1", cell)  # a longer fence / padding spaces when the text needs them
+    if span:
+        return span[3].replace("\\|", "|")
+    if cell in ("None", "True", "False"):
+        return {"None": None, "True": True, "False": False}[cell]
+    return int(cell) if re.fullmatch(r"-?\d+", cell) else float(cell)
 
 
-def _card_value(text: str):
-    if text.startswith("`") and text.endswith("`"):
-        inner = text[1:-1]
-        return {"None": None, "True": True, "False": False}.get(inner, inner)
-    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+def _card_vcreg_table(card: str) -> dict:
+    """The card's ``vcreg_*`` rows, split into cells the way GFM does (a pipe after a backslash is text)."""
+    table = {}
+    for row in card.splitlines():
+        if row.startswith("| `vcreg_"):
+            cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]]
+            assert len(cells) == 2, f"row does not have 2 cells in GFM: {row}"
+            table[cells[0].strip("`")] = _card_value(cells[1])
+    return table
 
 
 def test_training_args_bin_and_model_card_reproduce_the_run(tmp_path):
     vcreg = dict(
-        vcreg_alpha=0.3, vcreg_beta=0.7, vcreg_gamma=0.8, vcreg_eps=2e-4, vcreg_delta=0.05, vcreg_max_rows=16,
-        vcreg_layers=r"resnet\.encoder\.stages\.\d+", vcreg_layer_reduction="sum", vcreg_implementation="loss",
+        vcreg_alpha=0.0123456789, vcreg_beta=0.7, vcreg_gamma=0.8, vcreg_eps=2e-4, vcreg_delta=0.05, vcreg_max_rows=16,
+        vcreg_layers=r"resnet\.encoder\.stages\.(0|1)", vcreg_layer_reduction="sum", vcreg_implementation="loss",
         vcreg_log_per_layer=True,
     )
     a = trainer("hf_resnet", config(tmp_path / "a", max_steps=4, save_steps=4, **vcreg))
@@ -190,9 +227,11 @@ def test_training_args_bin_and_model_card_reproduce_the_run(tmp_path):
     b.train()
     assert max_weight_diff(weights(a.model), weights(b.model)) <= 1e-6
     assert b.state.log_history[-2]["vcreg/penalty"] == a.state.log_history[-2]["vcreg/penalty"]
-    # The model card lists every vcreg_* field; its values rebuild the same VCReg configuration.
+    # The model card lists every vcreg_* field; its values rebuild the same VCReg configuration, exactly.
     card = (checkpoint / "README.md").read_text()
-    from_card = {name: _card_value(value) for name, value in CARD_ROW.findall(card)}
+    assert "| `vcreg_alpha` | 0.0123456789 |" in card
+    assert r"| `vcreg_layers` | `resnet\.encoder\.stages\.(0\|1)` |" in card  # backslashes kept, the pipe escaped
+    from_card = _card_vcreg_table(card)
     assert from_card == a.args.vcreg_dict()
     assert VCRegConfig(output_dir=str(tmp_path / "c"), **from_card).vcreg_dict() == a.args.vcreg_dict()
 

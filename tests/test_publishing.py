@@ -7,6 +7,7 @@ Hub-compatible server of tests/hub_server.py; the loading subprocess blocks ``im
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -294,3 +295,23 @@ def test_card_template_ships_inside_the_package():
 
     template = resources.files("hf_vcreg") / "model_cards" / publishing.CARD_TEMPLATE
     assert template.is_file() and "{{ card_data }}" in template.read_text()
+
+
+def test_card_tables_render_every_value_exactly_in_github_markdown():
+    """Floats in their shortest round-trip form; strings in code spans whose pipes are escaped (GFM tables)."""
+    markdown_it = pytest.importorskip("markdown_it")
+    hparams = {"vcreg_alpha": 0.0123456789, "vcreg_eps": 1e-06, "vcreg_delta": None, "vcreg_max_rows": 16,
+               "vcreg_layers": r"vit\.layers\.(3|7|11), head\|x", "vcreg_distributed_stats": False,
+               "odd": "`quoted` ", "learning_rate": np.float64(0.1) / 3}
+    card = publishing.render_model_card(repo_id="user/m", library_name="transformers", vcreg_hparams=hparams,
+                                        layer_names=[], architecture="x", log_history=[{"loss": 1 / 3, "step": 1}])
+    assert "| `vcreg_alpha` | 0.0123456789 |" in card.text and "| `vcreg_eps` | 1e-06 |" in card.text
+    assert r"| `vcreg_layers` | `vit\.layers\.(3\|7\|11), head\\|x` |" in card.text
+    assert "| train | loss (task + VCReg) | `loss` | 0.333333 | 1 |" in card.text  # metrics: 6 digits
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(card.text)
+    cells = dict(re.findall(r"<tr>\s*<td><code>(\w+)</code></td>\s*<td>(.*?)</td>\s*</tr>", html, re.S))
+    shown = {k: v.removeprefix("<code>").removesuffix("</code>") for k, v in cells.items() if k in hparams}
+    expected = {k: v if isinstance(v, str) else str(v) for k, v in hparams.items()}
+    expected["learning_rate"] = repr(float(hparams["learning_rate"]))
+    assert shown == expected
+    assert float(shown["vcreg_alpha"]) == 0.0123456789 and float(shown["learning_rate"]) == np.float64(0.1) / 3
