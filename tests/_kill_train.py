@@ -13,12 +13,19 @@ file and how it is cut:
 * ``optimizer``: ``optimizer.pt``, half its bytes written;
 * ``trainer_state``: ``trainer_state.json`` (written last), half its text written;
 * ``none``: no kill (the run completes).
+* ``upload_model`` / ``upload_checkpoint``: the run pushes every checkpoint to the Hub (``push_to_hub=True``,
+  ``hub_strategy="checkpoint"``, repo ``test-user/TRAINER-KILL_AT``; run the script with the Hub server's
+  environment) and waits at each save until that push is done; the step-4 push's LFS upload of
+  ``model.safetensors`` (the model commit) or of ``last-checkpoint/optimizer.pt`` (the checkpoint commit that
+  follows it) sends half its body, writes ``ROOT/TRAINER-KILL_AT.kill`` (JSON: the file, its sha256, size, bytes
+  sent, step) and SIGKILLs. Every checkpoint is complete on disk by then (the push runs after the rename).
 
 The kill is real (``os.kill(os.getpid(), SIGKILL)``: no ``finally``, no atexit, no flush of Python buffers).
 
 ``python tests/_kill_train.py push OUT REPO STATE_FILE GO_FILE`` (with the Hub server's environment) trains
 and pushes a tiny ResNet, writes that commit to ``STATE_FILE``, waits for ``GO_FILE``, changes the weights and
-pushes again; the test SIGKILLs it during that upload. ``... retry OUT REPO`` loads ``OUT`` and pushes it again.
+pushes again; the test SIGKILLs it during that push (its LFS upload, or its commit call). ``... retry OUT REPO``
+loads ``OUT`` and pushes it again.
 """
 
 from __future__ import annotations
@@ -100,8 +107,28 @@ def _write_half_and_die(path: str, data: bytes) -> None:
     _kill_self()
 
 
-def _install_kill(kill_at: str, step: int, state_of) -> None:
-    """Patch the writer of one checkpoint file so that, at ``step``, it writes half the file and SIGKILLs."""
+UPLOAD_KILL_POINTS = {"upload_model": "model.safetensors", "upload_checkpoint": "last-checkpoint/optimizer.pt"}
+
+
+def _upload_half_and_die(url: str, data: bytes, marker: str, record: dict) -> None:
+    """PUT ``data`` to ``url`` announcing its full length, send half of it, write ``marker`` and SIGKILL."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.putrequest("PUT", parts.path + (f"?{parts.query}" if parts.query else ""))
+    conn.putheader("Content-Length", str(len(data)))
+    conn.endheaders()
+    conn.send(data[: len(data) // 2])
+    with open(marker, "w") as f:
+        json.dump({**record, "size": len(data), "sent": len(data) // 2}, f)
+    _kill_self()
+
+
+def _install_kill(kill_at: str, step: int, state_of, marker: str | None = None) -> None:
+    """Patch the writer of one checkpoint file (or its upload) so that, at ``step``, it writes half and SIGKILLs."""
     import io
 
     import safetensors.torch
@@ -144,8 +171,26 @@ def _install_kill(kill_at: str, step: int, state_of) -> None:
             return original_json(self, json_path)
 
         TrainerState.save_to_json = save_to_json
+    elif kill_at in UPLOAD_KILL_POINTS:
+        import hashlib
+
+        import huggingface_hub.lfs as lfs
+
+        original_upload = lfs._upload_single_part  # lfs_upload calls it by module attribute, in upload threads
+
+        def upload(operation, upload_url):
+            if operation.path_in_repo == UPLOAD_KILL_POINTS[kill_at] and state_of().global_step == step:
+                with operation.as_file() as f:
+                    data = f.read()
+                sha256 = hashlib.sha256(data).hexdigest()
+                record = {"path_in_repo": operation.path_in_repo, "sha256": sha256, "step": step}
+                _upload_half_and_die(upload_url, data, marker, record)
+            return original_upload(operation, upload_url)
+
+        lfs._upload_single_part = upload
     elif kill_at != "none":
-        raise SystemExit(f"unknown kill point {kill_at!r}: use model, optimizer, trainer_state or none")
+        raise SystemExit(f"unknown kill point {kill_at!r}: use model, optimizer, trainer_state, "
+                         f"{', '.join(UPLOAD_KILL_POINTS)} or none")
 
 
 def _run(output_dir: str, model: str, trainer_kind: str, kill_at: str, kill_step: int) -> None:
@@ -154,15 +199,27 @@ def _run(output_dir: str, model: str, trainer_kind: str, kill_at: str, kill_step
     # NOTE: no torch.set_num_threads here: the tests compare with runs in the pytest process, and the thread
     # count changes float summation order (AdamW's first steps amplify that to ~lr).
     cls = VCRegTrainer if trainer_kind == "vcreg" else Trainer
-    t = trainer(model, config(output_dir), trainer_cls=cls)
-    _install_kill(kill_at, kill_step, lambda: t.state)
+    if kill_at not in UPLOAD_KILL_POINTS:
+        t = trainer(model, config(output_dir), trainer_cls=cls)
+    else:
+        from transformers import TrainerCallback
+
+        class WaitForPush(TrainerCallback):  # one push per save, finished before training goes on: deterministic
+            def on_save(self, args, state, control, **kwargs):
+                t._finish_current_push()
+
+        repo = "test-user/" + os.path.basename(output_dir)
+        args = config(output_dir, push_to_hub=True, hub_model_id=repo, hub_strategy="checkpoint")
+        t = trainer(model, args, trainer_cls=cls, callbacks=[WaitForPush()])
+    _install_kill(kill_at, kill_step, lambda: t.state, marker=output_dir + ".kill")
     t.train()
 
 
 def _push(out: str, repo: str, state_file: str, go_file: str) -> None:
     """Push once (the "old" commit), write ``state_file``, wait for ``go_file``, change the weights, push again.
 
-    The test makes the Hub fail the second push's LFS upload (retryably) and SIGKILLs this process meanwhile.
+    The test makes the Hub fail the second push's LFS upload (retryably), or holds its commit request, and
+    SIGKILLs this process meanwhile.
     """
     import json
     import time
