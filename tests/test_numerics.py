@@ -1,20 +1,23 @@
 """Numerics: mixed precision, huge activations, constant features, very wide layers and tiny batches.
 
-Nothing here may put a NaN or an inf into the weights or the logs. Where the statistics are undefined (fewer
-than 2 rows, or non-finite values) the layer's penalty and gradient are 0 for that step, ``vcreg/skipped_layers``
-counts it, and one warning per layer says so.
+Nothing here may put a NaN or an inf into the weights or the logs (training, evaluation and summary entries: every
+Trainer run below also evaluates). Where the statistics are undefined (fewer than 2 rows, or non-finite values)
+the layer's penalty and gradient are 0 for that step, ``vcreg/skipped_layers`` counts it, and one warning per
+layer says so.
 
 Precision notes (CPU, transformers 5.24 / accelerate 1.15): ``bf16=True`` runs the forward under
 ``torch.autocast("cpu", torch.bfloat16)`` (block outputs are bf16; tested below through the Trainer).
-``fp16=True`` is accepted on CPU but accelerate does not enable fp16 autocast there (the forward stays float32),
-so the fp16 path is tested by running ``compute_loss`` and the backward under
-``torch.autocast("cpu", torch.float16)`` directly, with a loss scale as a GradScaler applies it.
+``fp16=True`` is accepted on CPU but does nothing there: accelerate enables fp16 autocast and a GradScaler only
+off the CPU (see ``test_fp16_with_a_real_cpu_grad_scaler_skips_the_vcreg_overflow_step_and_backs_off``), so the
+fp16 path is tested by running ``compute_loss`` and the backward under ``torch.autocast("cpu", torch.float16)``
+directly: with a fixed loss scale, and in a loop with a real ``torch.amp.GradScaler("cpu")``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,32 +59,67 @@ class Toy(nn.Module):
         return self.head(x)
 
 
-def toy_trainer(tmp_path, seed=0, n=12, **kw):
+def evaluating(max_steps: int) -> dict:
+    """Config fields for one evaluation, at the last step (``eval_dataset`` must be given too)."""
+    return dict(eval_strategy="steps", eval_steps=max_steps)
+
+
+def toy_trainer(tmp_path, seed=0, n=12, model=None, **kw):
+    """A ``Toy`` (or ``model``) trainer on ``n`` 4x4 images, evaluated on 8 others at its last step."""
     model_kw = {k: kw.pop(k) for k in ("widths", "scales", "shifts") if k in kw}
     torch.manual_seed(seed)
-    args = config(tmp_path, max_steps=kw.pop("max_steps", 3), save_strategy="no", **kw)
-    return VCRegTrainer(model=Toy(**model_kw), args=args, train_dataset=dataset(n, size=4))
+    max_steps = kw.pop("max_steps", 3)
+    args = config(tmp_path, **{"max_steps": max_steps, "save_strategy": "no", **evaluating(max_steps), **kw})
+    return VCRegTrainer(
+        model=model or Toy(**model_kw), args=args, train_dataset=dataset(n, size=4),
+        eval_dataset=dataset(8, seed=1, size=4),
+    )
 
 
 def assert_finite_run(t):
+    """Finite weights, every value of every log entry (training, evaluation, summary) a finite number, and at least
+    one evaluation entry (with its VCReg terms). Returns the training lines (those with ``loss``)."""
     for name, w in weights(t.model).items():
         assert torch.isfinite(w).all(), f"non-finite weight {name}"
+    for e in t.state.log_history:
+        for k, v in e.items():
+            assert isinstance(v, (int, float)) and math.isfinite(v), f"step {e.get('step')}: {k} = {v!r}"
     lines = [e for e in t.state.log_history if "loss" in e]
     assert lines
-    for e in lines:
-        for k, v in e.items():
-            assert math.isfinite(v), f"step {e['step']}: {k} = {v}"
+    evals = [e for e in t.state.log_history if "eval_loss" in e]
+    assert evals, "no evaluation entry in the log history"
+    assert all("eval_vcreg/penalty" in e and "eval_vcreg/skipped_layers" in e for e in evals), evals
     return lines
 
 
+def test_assert_finite_run_checks_evaluation_and_summary_entries_too():
+    good = {"loss": 1.0, "vcreg/penalty": 0.5, "step": 1}
+    evaluation = {"eval_loss": 1.0, "eval_vcreg/penalty": 0.1, "eval_vcreg/skipped_layers": 0.0, "step": 1}
+
+    def run(*log):
+        return SimpleNamespace(model=nn.Linear(2, 2), state=SimpleNamespace(log_history=list(log)))
+
+    assert assert_finite_run(run(good, evaluation)) == [good]
+    with pytest.raises(AssertionError, match=r"step 1: eval_vcreg/penalty = nan"):
+        assert_finite_run(run(good, {**evaluation, "eval_vcreg/penalty": math.nan}))
+    with pytest.raises(AssertionError, match=r"step 1: train_loss = inf"):
+        assert_finite_run(run(good, evaluation, {"train_loss": math.inf, "step": 1}))
+    with pytest.raises(AssertionError, match="no evaluation entry"):
+        assert_finite_run(run(good))
+
+
 class DtypeSpy:
+    """Records the dtype of every block output the penalty sees, and of its penalty, V and K."""
+
     def __init__(self, monkeypatch):
-        self.dtypes = []
+        self.dtypes, self.stat_dtypes = [], set()
         original = trainer_module.apply_penalty
 
         def spy(x, *a, **kw):
             self.dtypes.append(x.dtype)
-            return original(x, *a, **kw)
+            out = original(x, *a, **kw)
+            self.stat_dtypes.update(t.dtype for t in out[1:4])
+            return out
 
         monkeypatch.setattr(trainer_module, "apply_penalty", spy)
 
@@ -91,11 +129,13 @@ def test_bf16_training_on_cpu_regularises_bf16_block_outputs_with_float32_statis
     spy = DtypeSpy(monkeypatch)
     runs = {}
     for bf16 in (False, True):
-        t = trainer("hf_resnet", config(tmp_path / str(bf16), bf16=bf16, max_steps=3, save_strategy="no"))
+        args = config(tmp_path / str(bf16), bf16=bf16, max_steps=3, save_strategy="no", **evaluating(3))
+        t = trainer("hf_resnet", args, eval_dataset=dataset(8, seed=1))
         t.train()
         runs[bf16] = assert_finite_run(t)
     assert set(spy.dtypes[: len(spy.dtypes) // 2]) == {torch.float32}
     assert set(spy.dtypes[len(spy.dtypes) // 2 :]) == {torch.bfloat16}
+    assert spy.stat_dtypes == {torch.float32}
     # Step 1 starts from the same weights: bf16 activations change the statistics by bf16 rounding only.
     for key in ("vcreg/penalty", "vcreg/variance", "vcreg/covariance", "task_loss"):
         assert runs[True][0][key] == pytest.approx(runs[False][0][key], rel=0.05), key
@@ -130,6 +170,65 @@ def test_fp16_autocast_with_loss_scaling_gives_the_float32_gradient(tmp_path, im
     part = {mode: {n: grads[1.0, mode][n] - grads[0.0, mode][n] for n in grads[0.0, mode]} for mode in ("fp16", "fp32")}
     assert _relative_error(part["fp16"], part["fp32"]) < 2e-2
     assert _relative_error(part["fp32"], grads[1.0, "fp32"]) > 0.05  # and that part is not negligible
+
+
+@pytest.mark.parametrize("implementation", ["gradient", "loss"])
+def test_fp16_with_a_real_cpu_grad_scaler_skips_the_vcreg_overflow_step_and_backs_off(
+    tmp_path, implementation, monkeypatch
+):
+    """fp16 forward and backward with a real dynamic ``torch.amp.GradScaler("cpu")`` around the VCReg penalty.
+
+    Why not through the Trainer: with ``VCRegConfig(fp16=True, use_cpu=True)``, accelerate 1.15's
+    ``Accelerator.__init__`` takes its fp16 branch (``native_amp = True``, a GradScaler from ``get_grad_scaler``)
+    only ``if mixed_precision == "fp16" and self.device.type != "cpu"``; on the CPU it leaves ``native_amp=False``
+    and ``scaler=None``, so ``Trainer.train`` neither autocasts the forward to float16 nor scales the loss: the
+    run is plain float32 (the block outputs the penalty sees are float32). There is no fp16 Trainer path on the
+    CPU to test. The first assertions pin that: if they fail, accelerate supports it and a Trainer-level fp16
+    test belongs here (like the bf16 one).
+
+    The loop: growth every 2 good steps from 2^16; at the fourth step (index 3) the first block's output is scaled by 1e3 for one
+    step, which makes its VCReg gradient (~ C Zc, cubic in the scale) overflow float16 under the 2^17 loss scale.
+    The scaler must find the inf, skip that step (weights untouched) and halve the scale; training then goes on.
+    Without VCReg the same step at the same scale does not overflow: the overflow is the penalty's gradient, scaled
+    by the loss scale like the task gradient.
+    """
+    spy = DtypeSpy(monkeypatch)
+    cpu_fp16 = toy_trainer(tmp_path / "trainer", fp16=True, vcreg_implementation=implementation)
+    assert cpu_fp16.accelerator.mixed_precision == "fp16"
+    assert cpu_fp16.accelerator.scaler is None and not cpu_fp16.accelerator.native_amp
+    cpu_fp16.train()
+    assert_finite_run(cpu_fp16)
+    assert set(spy.dtypes) == {torch.float32}  # fp16=True on the CPU: float32 block outputs
+    spy.dtypes.clear()
+    batch = dict(dataset(8, size=4)[:8])
+    history, final_scale = {}, {}
+    for coef, steps in ((0.5, 6), (0.0, 4)):
+        t = toy_trainer(tmp_path, vcreg_implementation=implementation, vcreg_alpha=coef, vcreg_beta=coef)
+        optimizer = torch.optim.SGD(t.model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2)
+        history[coef] = []
+        for step in range(steps):
+            t.model.blocks[0].scale = 1e3 if step == 3 else 1.0
+            before, scale = weights(t.model), scaler.get_scale()
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = t.compute_loss(t.model, batch)
+            assert torch.isfinite(loss)  # the forward is fine; only the scaled backward overflows
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            taken = any(not torch.equal(before[k], w) for k, w in weights(t.model).items())
+            history[coef].append((scale / 2**16, taken))
+        t._remove_hooks()
+        final_scale[coef] = scaler.get_scale() / 2**16
+        assert all(torch.isfinite(w).all() for w in weights(t.model).values())
+    # (loss scale / 2^16, step taken): grown after 2 good steps, the overflow step skipped and the scale halved,
+    # grown again after 2 more good steps
+    assert history[0.5] == [(1, True), (1, True), (2, True), (2, False), (1, True), (1, True)]
+    assert final_scale[0.5] == 2
+    assert history[0.0] == [(1, True), (1, True), (2, True), (2, True)] and final_scale[0.0] == 4
+    assert set(spy.dtypes) == {torch.float16}  # every regularised block output was float16
+    assert spy.stat_dtypes == {torch.float32}  # the statistics were not
 
 
 # ------------------------------------------------------------------------------------------- huge activations
@@ -224,6 +323,73 @@ def test_one_sample_batches_skip_the_penalty_log_it_and_warn_once_per_layer(tmp_
     plain.train()
     final, final_plain = weights(t.model), weights(plain.model)
     assert all(torch.equal(final[k], final_plain[k]) for k in final)
+
+
+class SpikyBlock(Block):
+    """A ``Block`` with one more output feature: a copy of feature 0, or, while ``spiking``, feature 0 times 1e30
+    (``"overflow"``: finite in float32, but its variance, ~1e59, is not) or ``+inf`` (``"inf"``)."""
+
+    def __init__(self, d_in: int, d_out: int, spike: str):
+        super().__init__(d_in, d_out)
+        self.spike, self.spiking = spike, False
+
+    def forward(self, x):
+        y = super().forward(x)
+        extra = y[:, :1]
+        if self.spiking:
+            extra = extra * 1e30 if self.spike == "overflow" else torch.full_like(extra, math.inf)
+        return torch.cat([y, extra], dim=1)
+
+
+class SpikyToy(Toy):
+    """``Toy`` whose ``blocks.0`` is a ``SpikyBlock`` that spikes on the training forwards numbered in ``spikes``
+    (from 1). The extra feature is dropped before ``blocks.1``: the task loss never sees it."""
+
+    def __init__(self, spike: str, spikes: set[int]):
+        super().__init__()
+        self.blocks[0] = SpikyBlock(48, 16, spike)
+        self.spikes, self.forwards = spikes, 0
+
+    def forward(self, pixel_values):
+        self.forwards += self.training
+        self.blocks[0].spiking = self.training and self.forwards in self.spikes
+        x = self.blocks[0](pixel_values.flatten(1))[:, :-1]
+        return self.head(self.blocks[1](x))
+
+
+@pytest.mark.parametrize("implementation", ["gradient", "loss"])
+@pytest.mark.parametrize("spike", ["overflow", "inf"])
+def test_a_block_with_non_finite_statistics_on_some_steps_is_skipped_logged_and_warned_once(
+    tmp_path, caplog, implementation, spike
+):
+    with caplog.at_level(logging.WARNING, logger="hf_vcreg.trainer"):
+        t = toy_trainer(
+            tmp_path, model=SpikyToy(spike, spikes={2, 4}), max_steps=5, vcreg_implementation=implementation,
+            vcreg_log_per_layer=True, vcreg_layers=r"blocks\.\d",  # blocks of two classes: name them
+        )
+        t.train()
+    lines = assert_finite_run(t)
+    assert t.vcreg_layer_names == ["blocks.0", "blocks.1"] and t.model.forwards == 5
+    assert [e["vcreg/skipped_layers"] for e in lines] == [0.0, 1.0, 0.0, 1.0, 0.0]
+    weight, alpha, beta = t._vcreg_spec.weight, t.args.vcreg_alpha, t.args.vcreg_beta
+    for e in lines:
+        v1, k1 = e["vcreg/variance/blocks.1"], e["vcreg/covariance/blocks.1"]
+        if e["step"] in (2, 4):  # blocks.0 skipped: 0 in its own log, out of the means, out of the penalty
+            assert e["vcreg/variance/blocks.0"] == 0.0 and e["vcreg/covariance/blocks.0"] == 0.0
+            assert e["vcreg/variance"] == pytest.approx(v1, rel=1e-6)
+            assert e["vcreg/covariance"] == pytest.approx(k1, rel=1e-6)
+            assert e["vcreg/penalty"] == pytest.approx(weight * (alpha * v1 + beta * k1), rel=1e-5)
+        else:
+            assert e["vcreg/covariance/blocks.0"] > 0.0
+            v0, k0 = e["vcreg/variance/blocks.0"], e["vcreg/covariance/blocks.0"]
+            assert e["vcreg/penalty"] == pytest.approx(weight * (alpha * (v0 + v1) + beta * (k0 + k1)), rel=1e-5)
+        assert e["loss"] == pytest.approx(e["task_loss"] + e["vcreg/penalty"], rel=1e-5)
+    evaluation = [e for e in t.state.log_history if "eval_loss" in e]
+    assert [e["eval_vcreg/skipped_layers"] for e in evaluation] == [0.0]  # no spike outside training
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_vcreg.trainer"]
+    assert len(warnings) == 1, warnings  # 2 skipped steps: one warning for the layer, not one per step
+    assert warnings[0].startswith("VCReg skipped layer 'blocks.0' in 100% of train steps")
+    assert "or not finite" in warnings[0]
 
 
 @pytest.mark.parametrize("implementation", ["gradient", "loss"])
