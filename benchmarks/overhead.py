@@ -154,9 +154,14 @@ def _median_ci(values: list[float], seed: int, resamples: int = 2000) -> list[fl
     return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
 
 
+# Steps between two computations of the logged VCReg means in a timed VCReg variant (see Variant.step).
+LOG_EVERY = 10
+
+
 class Variant:
     def __init__(self, name: str, trainer: Trainer, optimizer, batch, device: str, dtype: str):
         self.name, self.trainer, self.optimizer, self.batch = name, trainer, optimizer, batch
+        self.steps = 0
         self.device, self.dtype = device, dtype
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we call training_step directly
 
@@ -169,8 +174,11 @@ class Variant:
         if isinstance(self.trainer, VCRegTrainer):
             # No trace between steps: the next plain step must run without hooks (the trainer re-installs them).
             self.trainer._remove_hooks()
-            for values in self.trainer._vcreg_metrics.values():
-                values.clear()
+            # The logged means are computed when they are logged: time that too, as if logging every LOG_EVERY steps
+            # (Trainer's default is 500: this counts its cost 50 times over).
+            self.steps += 1
+            if self.steps % LOG_EVERY == 0:
+                self.trainer._pop_vcreg_metrics("train")
 
     def timed_step(self) -> tuple[float, float]:
         """(wall seconds, CPU seconds of this process) of one step."""
@@ -307,7 +315,8 @@ def write_markdown(path: Path, result: dict) -> None:
         f"Preset `{result['preset']}`: {result['settings']['image_size']}x{result['settings']['image_size']} input, "
         f"batch {result['settings']['batch_size']}, {result['settings']['dtype']}, AdamW, "
         f"{result['settings']['rounds']} timed rounds after {result['settings']['warmup']} warm-up rounds "
-        f"(plain and VCReg steps alternate in one process), seed {result['seed']}.",
+        f"(plain and VCReg steps alternate in one process; a VCReg step's time includes computing its logged means, "
+        f"done every {result['settings'].get('log_every', 'no')} steps), seed {result['seed']}.",
         f"VCReg settings (library defaults): `{json.dumps(result['vcreg_settings'])}`.",
         f"Machine: {result['machine'].get('gpu') or result['machine']['cpu']}, torch {result['machine']['torch']}, "
         f"transformers {result['machine']['transformers']}, timm {result['machine']['timm']}, "
@@ -377,7 +386,10 @@ def main(argv=None) -> dict:
         "device": opts["device"],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seed": a.seed,
-        "settings": {k: opts[k] for k in ("image_size", "batch_size", "dtype", "rounds", "warmup")},
+        "settings": {
+            **{k: opts[k] for k in ("image_size", "batch_size", "dtype", "rounds", "warmup")},
+            "log_every": LOG_EVERY,
+        },
         "goal": a.goal,
         "implementations": impls,
         "machine": machine_info(opts["device"]),

@@ -66,16 +66,36 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_2d(z: torch.Tensor) -> None:
-    assert z.dim() == 2, f"expected a (n, d) sample matrix, got shape {tuple(z.shape)}"
-    assert z.shape[0] >= 2, f"need at least 2 samples (rows) for a covariance, got shape {tuple(z.shape)}"
-    assert z.shape[1] >= 1, f"need at least 1 feature (column), got shape {tuple(z.shape)}"
+    """A ``(n, d)`` sample matrix with ``n >= 2``, ``d >= 1``; a ValueError (not an ``assert``: kept under -O)."""
+    shape = tuple(z.shape)
+    if z.dim() != 2:
+        raise ValueError(
+            f"expected a (n, d) sample matrix, got shape {shape}: flatten the sample axes first, e.g. "
+            "z.movedim(feature_axis, -1).reshape(-1, d)"
+        )
+    if z.shape[0] < 2:
+        raise ValueError(
+            f"need at least 2 samples (rows) for a covariance, got shape {shape}: pass more rows (a larger batch)"
+        )
+    if z.shape[1] < 1:
+        raise ValueError(f"need at least 1 feature (column), got shape {shape}: the feature axis is empty")
 
 
 def _check_input(x: torch.Tensor, axis: int) -> None:
     """A block output for :class:`VCRegFunction` / :func:`explicit_penalty`: floating point, a real feature axis."""
-    assert x.is_floating_point(), f"expected a floating-point tensor, got dtype {x.dtype} (shape {tuple(x.shape)})"
-    assert -x.dim() <= axis < x.dim(), f"feature axis {axis} is out of range for shape {tuple(x.shape)}"
-    assert x.shape[axis] >= 1, f"feature axis {axis} of shape {tuple(x.shape)} is empty: no features"
+    shape = tuple(x.shape)
+    if not x.is_floating_point():
+        raise TypeError(
+            f"expected a floating-point tensor, got dtype {x.dtype} (shape {shape}): regularise a float block "
+            "output, or convert it with .float()"
+        )
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(
+            f"feature axis {axis} is out of range for shape {shape}: "
+            + (f"use an axis in [{-x.dim()}, {x.dim() - 1}]" if x.dim() else "a 0-d tensor has no feature axis")
+        )
+    if x.shape[axis] < 1:
+        raise ValueError(f"feature axis {axis} of shape {shape} is empty: no features; pick the axis holding them")
 
 
 def covariance_matrix(z: torch.Tensor) -> torch.Tensor:
@@ -169,6 +189,8 @@ class VCRegSpec:
 
 # Largest |mean| / std of every feature for which the backward skips centring (see VCRegFunction._backward).
 _MAX_MEAN_OVER_STD = 100.0
+# Smallest spatial size (H W) of a channels-first map for the backward's batched-matmul path.
+_MIN_MAP_SIZE = 16
 
 
 def _row_index(samples: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -465,18 +487,16 @@ class VCRegFunction(torch.autograd.Function):
         g = ctx.g
         if isinstance(gp, torch.Tensor):
             g, gp = g * gp.to(g.dtype), 1.0
-        fast = ctx.rows is None and ctx.matmul_dtype is None and x.dtype == g.dtype and samples.is_contiguous()
+        same_dtype = ctx.rows is None and ctx.matmul_dtype is None and x.dtype == g.dtype
+        fast = same_dtype and samples.is_contiguous()
         if fast:
             grad_samples = samples_view(grad_x, ctx.axis)
             fast = grad_samples.is_contiguous()
         if fast:
             # Feature-last float32/float64 (transformer tokens): one matmul that also adds the incoming gradient.
-            # Zc G = Z G - 1 (mu^T G): no centred copy, one pass for the mean's row, when the mean is moderate: the
-            # rounding error, relative to the result, grows like |mu| / sigma (1e-5 in float32 at 100 sigma).
-            # max_j |mu_j| / sigma_j (no eps): a constant feature (mu / 0: inf or NaN) takes the exact centred path
-            uncentred = ctx.valid_host is not None and (
-                float(torch.linalg.vector_norm(ctx.mu / ctx.variances.sqrt(), float("inf"))) <= _MAX_MEAN_OVER_STD
-            )
+            # Zc G = Z G - 1 (mu^T G): no centred copy, one pass for the mean's row, when the mean is moderate
+            # (see _uncentred_ok).
+            uncentred = VCRegFunction._uncentred_ok(ctx)
             z = samples.reshape(-1, d) if uncentred else _centred(samples, ctx.mu, g.dtype)
             grad_in = torch.addmm(grad_samples.reshape(-1, d), z, g, alpha=gp)
             if uncentred:
@@ -484,6 +504,22 @@ class VCRegFunction(torch.autograd.Function):
             if ctx.valid_host is None:  # GPU: mask without a sync (a non-finite Z would turn G = 0 into NaN)
                 grad_in = torch.where(ctx.valid, grad_in, grad_samples.reshape(-1, d))
             return grad_in.view(samples.shape).movedim(-1, ctx.axis), None, None, None, None
+        spatial = math.prod(x.shape[2:]) if ctx.axis == 1 and x.dim() > 2 else 0
+        if (
+            same_dtype
+            and spatial >= _MIN_MAP_SIZE
+            and x.is_contiguous()
+            and grad_x.is_contiguous()
+            and VCRegFunction._uncentred_ok(ctx)
+        ):
+            # Channels-first maps (CNN stages, NCHW): G X_b - (G mu) 1^T for every sample's (d, H W) block, one
+            # batched matmul that reads x in place and adds the incoming gradient (G is symmetric), then one pass
+            # for the mean; no transposed centred copy, no transposed sum. Small maps (H W < 16) would make the
+            # batched matmul slow: they take the general path below.
+            b = x.shape[0]
+            grad_in = torch.baddbmm(grad_x.view(b, d, spatial), g.expand(b, d, d), x.view(b, d, spatial), alpha=gp)
+            grad_in.sub_(torch.mv(g, ctx.mu).view(d, 1), alpha=gp)
+            return grad_in.view(x.shape), None, None, None, None
         mm_dtype = ctx.matmul_dtype or g.dtype
         zc = VCRegFunction._centred_rows(ctx, samples, mm_dtype)
         if mm_dtype == x.dtype == g.dtype:
@@ -492,6 +528,18 @@ class VCRegFunction(torch.autograd.Function):
             extra = _mm(zc, g.to(mm_dtype), x.dtype)
         del zc
         return VCRegFunction._add(ctx, grad_x, extra, gp, samples), None, None, None, None
+
+    @staticmethod
+    def _uncentred_ok(ctx) -> bool:
+        """Whether the backward may use ``Z G - 1 (mu^T G)`` instead of a centred copy (CPU only: needs the host).
+
+        Its rounding error, relative to the result, grows like ``|mu| / sigma`` (1e-5 in float32 at 100 sigma), so
+        every feature's ``|mu_j| / sigma_j`` (no eps) must be at most ``_MAX_MEAN_OVER_STD``; a constant feature
+        (``mu / 0``: inf or NaN) takes the exact centred path, where its gradient is exactly 0.
+        """
+        return ctx.valid_host is not None and (
+            float(torch.linalg.vector_norm(ctx.mu / ctx.variances.sqrt(), float("inf"))) <= _MAX_MEAN_OVER_STD
+        )
 
     @staticmethod
     def _centred_rows(ctx, samples: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -39,9 +39,9 @@ def test_statistics_are_float32_for_half_inputs():
 
 
 def test_sample_matrix_must_be_2d_with_two_rows():
-    with pytest.raises(AssertionError, match=r"\(n, d\) sample matrix, got shape \(2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"\(n, d\) sample matrix, got shape \(2, 3, 4\)"):
         variance_loss(torch.randn(2, 3, 4))
-    with pytest.raises(AssertionError, match="at least 2 samples"):
+    with pytest.raises(ValueError, match="at least 2 samples"):
         covariance_loss(torch.randn(1, 4))
 
 

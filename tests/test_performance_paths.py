@@ -4,6 +4,7 @@ Paths pinned here (see benchmarks/PERFORMANCE.md for why they exist):
 
 * the symmetric blocked Gram ``Zc^T Zc`` (CPU, ``n >= 4 d``, ``d >= 128``: each off-diagonal block once);
 * the feature-last backward without a centred copy (``Zc G = Z G - 1 mu^T G``, one ``addmm``);
+* the channels-first backward on maps of ``H W >= 16`` (``G X_b - (G mu) 1^T``, one ``baddbmm``);
 * the generic backward (channels-first maps, row subsets, non-contiguous tensors);
 * the ``n < d`` path (fewer rows than features: K from ``||Zc Zc^T||_F``, the backward from the ``n x n`` Gram);
 * the half-precision matmul path used under CUDA autocast (tensor cores, float32 accumulation), run here on the
@@ -58,7 +59,9 @@ def test_blocked_gram_is_exactly_symmetric():
 SPEC = VCRegSpec(alpha=0.7, beta=1.3, gamma=1.0, eps=1e-4, weight=0.5)
 
 # (shape, axis): feature-last tokens wide enough for the blocked Gram; a channels-first map; a video map
-WIDE = [((6, 100, 128), 2), ((5, 128, 6, 5), 1), ((2, 3, 4, 5, 128), 4)]
+# (channels last); channels-first video, sequence (B, C, L) and a map too small for the batched backward (H W < 16)
+WIDE = [((6, 100, 128), 2), ((5, 128, 6, 5), 1), ((2, 3, 4, 5, 128), 4), ((2, 48, 2, 4, 4), 1), ((4, 40, 20), 1),
+        ((30, 40, 3, 3), 1)]
 
 
 @pytest.mark.parametrize("shape,axis", WIDE)
@@ -76,6 +79,34 @@ def test_fast_paths_equal_autograd_float64(shape, axis, delta, subset):
     expected, p_ref = _reference(x, axis, rows, spec, w)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
     assert p.item() == pytest.approx(p_ref.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape,batched", [((4, 40, 4, 5), True), ((4, 40, 3, 5), False), ((4, 40, 20), True)])
+def test_channels_first_backward_uses_one_batched_matmul_on_maps_of_16_or_more(monkeypatch, shape, batched):
+    """Channels-first maps with ``H W >= 16`` get ``G X_b - (G mu) 1^T`` from one ``baddbmm`` (no centred copy);
+    smaller maps (``H W = 15`` here) take the generic path. Both equal float64 autograd."""
+    calls = []
+    real = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    torch.manual_seed(11)
+    x = torch.randn(*shape, dtype=torch.float64) * 0.5 + 1.5
+    w = torch.randn_like(x)
+    grad, _ = _ours(x, 1, None, SPEC, w)
+    expected, _ = _reference(x, 1, None, SPEC, w)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    spatial = x[0, 0].numel()
+    assert calls == ([torch.Size((shape[0], shape[1], spatial))] if batched else [])
+
+
+def test_channels_first_backward_centres_maps_with_a_large_mean():
+    """Beyond |mu| = 100 sigma the channels-first backward takes the centred path too (float32, 300 sigma)."""
+    torch.manual_seed(12)
+    x = torch.randn(16, 64, 8, 8) + 300.0
+    spec = VCRegSpec(alpha=1.0, beta=10.0, weight=1 / 12)
+    w = torch.zeros_like(x)
+    grad, _ = _ours(x, 1, None, spec, w)
+    expected, _ = _reference(x, 1, None, spec, w)
+    assert _rel(grad, expected) < 5e-5
 
 
 def test_non_contiguous_input_and_gradient_take_the_generic_path_float64():
@@ -103,6 +134,13 @@ def test_constant_feature_gets_exactly_zero_penalty_gradient(dtype, loss_scale):
     y, p, v, k, valid = VCRegFunction.apply(x, 1, None, spec, None)
     ((y * 0).sum() + loss_scale * p).backward()
     assert bool(valid) and torch.count_nonzero(x.grad[:, 0]) == 0 and torch.count_nonzero(x.grad[:, 1:]) > 0
+    # the same on a channels-first map (the batched-matmul backward): channel 0 constant
+    maps = torch.randn(8, 4, 4, 4, dtype=dtype)
+    maps[:, 0] = 2.0
+    maps.requires_grad_()
+    y, p, v, k, valid = VCRegFunction.apply(maps, 1, None, spec, None)
+    ((y * 0).sum() + loss_scale * p).backward()
+    assert bool(valid) and torch.count_nonzero(maps.grad[:, 0]) == 0 and torch.count_nonzero(maps.grad[:, 1:]) > 0
 
 
 @pytest.mark.parametrize("shape,axis", [((64, 65, 192), 2), ((16, 256, 4, 4), 1)])
