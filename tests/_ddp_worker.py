@@ -58,9 +58,9 @@ class TinyCNN(nn.Module):
         return self.head(self.embed(x.mean(dim=(2, 3))))
 
 
-def build_model(kind: str, image_size: int = 8, **cnn_kwargs) -> nn.Module:
+def build_model(kind: str, image_size: int = 8, seed: int = MODEL_SEED, **cnn_kwargs) -> nn.Module:
     """The same randomly initialised model on every rank and in the reference (seeded here)."""
-    torch.manual_seed(MODEL_SEED)
+    torch.manual_seed(seed)
     if kind == "cnn":
         return TinyCNN(**cnn_kwargs)
     if kind == "vit":
@@ -188,19 +188,30 @@ class CountRecorder:
 
 # ---------------------------------------------------------------------------------------------- scenarios
 def run_scenario(scenario: dict, out_dir: str, rank: int) -> dict:
-    """Train (and optionally evaluate) one scenario; return what this rank saw."""
+    """Train (and optionally evaluate) one scenario; return what this rank saw.
+
+    Optional keys for resume runs: ``model_seed`` (initialisation), ``overrides`` (more ``VCRegConfig`` fields),
+    ``output_dir`` (instead of ``OUT_DIR/<name>``), ``stop_at`` (stop after that step, ``test_resume.StopAt``) and
+    ``resume`` (passed to ``train(resume_from_checkpoint=...)``).
+    """
     result: dict = {"name": scenario["name"], "rank": rank, "error": None}
     Trainer = recording_trainer_class()
-    model = build_model(scenario["model"])
+    model = build_model(scenario["model"], seed=scenario.get("model_seed", MODEL_SEED))
     train = make_dataset(scenario["n_train"])
     evalset = make_dataset(scenario["n_eval"], seed=DATA_SEED + 1) if scenario.get("n_eval") else None
+    callbacks = []
+    if scenario.get("stop_at") is not None:  # an interrupted job: stops after that step (its checkpoint is written)
+        from test_resume import StopAt
+
+        callbacks.append(StopAt(scenario["stop_at"]))
     trainer = None
     with CountRecorder() as counts:
         try:
-            args = make_config(os.path.join(out_dir, scenario["name"]), scenario)
-            trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evalset)
+            output_dir = scenario.get("output_dir") or os.path.join(out_dir, scenario["name"])
+            args = make_config(output_dir, scenario, **scenario.get("overrides", {}))
+            trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evalset, callbacks=callbacks)
             if scenario.get("train", True):
-                trainer.train()
+                trainer.train(resume_from_checkpoint=scenario.get("resume"))
                 result["hooks_after_train"] = count_forward_hooks(model)
             if evalset is not None:
                 result["eval_metrics"] = trainer.evaluate()
@@ -212,6 +223,8 @@ def run_scenario(scenario: dict, out_dir: str, rank: int) -> dict:
     if trainer is not None:
         result["seen"] = trainer.seen
         result["log_history"] = trainer.state.log_history
+        result["global_step"] = trainer.state.global_step
+        result["output_dir"] = trainer.args.output_dir
         result["records_after"] = len(trainer._vcreg_records)
     result["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return result

@@ -15,6 +15,8 @@ What is pinned:
   holding a single row in a layer): the all-reduced count is the sum of the rows of all ranks and the
   update matches the reference; unequal numbers of batches raise a clear error on every rank, never hang;
 * evaluation under DDP: ``evaluate()`` returns ``eval_vcreg/*`` computed on the global batch;
+* resume under DDP: global statistics with a row cap, interrupted after a checkpoint and resumed in a new
+  launch from a different initialisation, end with the weights and logs of the uninterrupted 2-process run;
 * without a process group, ``vcreg_distributed_stats=True`` is a ``ValueError`` at construction;
 * load: memory (RSS), forward hooks and captured records stay flat over a long 2-process run with checkpoints
   (``HF_VCREG_LOAD_SECONDS`` sets the duration of the slow variant, default 600 s).
@@ -30,11 +32,15 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from _kill_train import VCREG_KEYS, step_logs
+from test_resume import assert_same_logs
 
 from hf_vcreg import VCRegConfig, VCRegTrainer
 from hf_vcreg.capture import feature_axis, samples_view, select_layers
@@ -400,6 +406,66 @@ def test_ddp_evaluate_returns_global_vcreg_metrics(ddp_results):
             assert n == 20.0 and rows == 10  # both ranks' 10 token rows per layer
     # Global statistics: the same numbers on both ranks.
     assert results[0]["eval_metrics"]["eval_vcreg/covariance"] == results[1]["eval_metrics"]["eval_vcreg/covariance"]
+
+
+# ---------------------------------------------------------------------------------------------- resume
+RESUME_ROWS = 6  # ViT: 2 images x 5 tokens = 10 rows per rank and layer; every statistic draws 6 on each rank
+RESUME_STOP = 3  # 8 samples, 4 per step: 2 steps an epoch, so checkpoint-3 is mid-epoch 2 of 3
+
+
+def _resume_scenario(name, **extra):
+    """6 steps of the ViT, global statistics, a row cap, random sampling, a checkpoint every 3 steps."""
+    overrides = dict(save_strategy="steps", save_steps=RESUME_STOP, vcreg_max_rows=RESUME_ROWS,
+                     train_sampling_strategy="random")
+    return _scenario(name, "vit", n_train=8, steps=6, lr=0.1, overrides=overrides, **extra)
+
+
+def _as_trainer(result: dict) -> SimpleNamespace:
+    """A worker result as the ``trainer.state.log_history`` that ``test_resume.assert_same_logs`` reads."""
+    return SimpleNamespace(state=SimpleNamespace(log_history=result["log_history"]))
+
+
+def test_ddp_resume_with_global_stats_and_row_cap_matches_uninterrupted_run(tmp_path):
+    """Launch 1: the uninterrupted run and one stopped right after checkpoint-3. Launch 2 (new torchrun): a model
+    initialised with another seed, ``train(resume_from_checkpoint=True)`` in the stopped run's directory."""
+    first = launch([_resume_scenario("full"), _resume_scenario("cut", stop_at=RESUME_STOP)], tmp_path / "first",
+                   timeout=240)
+    full, cut = first["full"], first["cut"]
+    _ok(full)
+    _ok(cut)
+    assert [r["global_step"] for r in cut] == [RESUME_STOP] * WORLD
+    assert sorted(os.listdir(cut[0]["output_dir"])) == [f"checkpoint-{RESUME_STOP}"]
+    resume = _resume_scenario("resumed", model_seed=worker.MODEL_SEED + 1, output_dir=cut[0]["output_dir"],
+                              resume=True)
+    resumed = launch([resume], tmp_path / "second", timeout=240)["resumed"]
+    _ok(resumed)
+
+    # A resume that loaded nothing would start from other weights.
+    initial, other = (worker.build_model("vit", seed=s).state_dict() for s in (worker.MODEL_SEED, resume["model_seed"]))
+    assert _max_diff(initial, other) > 1e-2
+    vcreg_keys = {k for e in full[0]["log_history"] for k in e if k.startswith("vcreg/")}
+    keys = ("loss", "task_loss", *sorted(vcreg_keys))
+    assert len(keys) > len(VCREG_KEYS)  # the per-layer vcreg/variance/<layer>, vcreg/covariance/<layer> too
+    checkpoint = Path(cut[0]["output_dir"]) / f"checkpoint-{RESUME_STOP}"
+    restored = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    for f, r in zip(full, resumed):
+        assert f["global_step"] == r["global_step"] == 6
+        # It really resumed: its log history starts with the checkpoint's (steps 1-3), its first forward ran at
+        # global_step 3 and the first step it logged itself is 4.
+        assert r["log_history"][: len(restored)] == restored and sorted(step_logs(restored)) == [1, 2, 3]
+        assert r["seen"][0]["step"] == RESUME_STOP
+        assert min(step_logs(r["log_history"][len(restored) :])) == RESUME_STOP + 1
+        # The same batches (random sampler state restored per rank) from the checkpoint on.
+        after = [s for s in f["seen"] if s["step"] >= RESUME_STOP]
+        assert len(after) == len(r["seen"]) == 3
+        for a, b in zip(after, r["seen"]):
+            assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+        # Every statistic used a drawn subset: 6 rows of each rank's 10, 12 in the all-reduced count.
+        assert {c for c in f["counts"] + r["counts"]} == {(RESUME_ROWS, 2.0 * RESUME_ROWS)}
+        # Measured: 0.0 on both ranks, weights and logged values alike (bitwise the uninterrupted run).
+        assert _max_diff(f["state_dict"], r["state_dict"]) <= TOL, _max_diff(f["state_dict"], r["state_dict"])
+        assert_same_logs(_as_trainer(f), _as_trainer(r), keys, first_step=RESUME_STOP + 1)
+    assert _max_diff(resumed[0]["state_dict"], resumed[1]["state_dict"]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- configuration
