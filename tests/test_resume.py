@@ -56,8 +56,9 @@ def run_and_resume(tmp_path, monkeypatch, model_name, trainer_cls=VCRegTrainer, 
     return runs[0], runs[1], spies[0], spies[1]
 
 
-def assert_same_logs(a, b, keys, first_step=3):
-    logs_a, logs_b = step_logs(a.state.log_history, keys), step_logs(b.state.log_history, keys)
+def assert_same_logs(history_a, history_b, keys, first_step=3):
+    """The ``keys`` of two ``log_history`` lists agree at every logged step from ``first_step`` on."""
+    logs_a, logs_b = step_logs(history_a, keys), step_logs(history_b, keys)
     steps = [s for s in logs_a if s >= first_step]
     assert steps == [s for s in logs_b if s >= first_step] and steps, (sorted(logs_a), sorted(logs_b))
     for s in steps:
@@ -82,9 +83,9 @@ def test_resumed_run_matches_uninterrupted_run_weights_logs_and_row_subsets(tmp_
     a, b, spy_a, spy_b = run_and_resume(tmp_path, monkeypatch, model_name, **overrides)
     assert b.state.global_step == a.state.global_step == 6
     assert max_weight_diff(weights(a.model), weights(b.model)) <= 1e-6
-    assert_same_logs(a, b, VCREG_KEYS + ("grad_norm", "learning_rate"))
+    assert_same_logs(a.state.log_history, b.state.log_history, VCREG_KEYS + ("grad_norm", "learning_rate"))
     if overrides.get("eval_strategy"):
-        assert_same_logs(a, b, EVAL_KEYS, first_step=4)
+        assert_same_logs(a.state.log_history, b.state.log_history, EVAL_KEYS, first_step=4)
     # The row subsets: the cap is below the rows of every layer, so every draw is a proper subset, and the
     # resumed run draws exactly the rows of the uninterrupted one (same seeds, same indices, same order).
     draws_a, draws_b = spy_a.after(2), spy_b.after(2)
@@ -187,4 +188,4 @@ def test_chained_resumes_across_epoch_boundaries_match_uninterrupted_run(tmp_pat
     c.train(resume_from_checkpoint=True)  # picks b's checkpoint-8; the saved "stop" does not stop it again
     assert c.state.global_step == 12
     assert max_weight_diff(weights(a.model), weights(c.model)) <= 1e-6
-    assert_same_logs(a, c, VCREG_KEYS, first_step=9)
+    assert_same_logs(a.state.log_history, c.state.log_history, VCREG_KEYS, first_step=9)
