@@ -274,14 +274,19 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def code_commit() -> str | None:
-    """The commit of the measured code (``+dirty`` with uncommitted changes to it), or None outside a git checkout."""
-    root = Path(__file__).resolve().parent.parent
+def code_commit(root: str | Path | None = None) -> str | None:
+    """The commit of the measured code (``+dirty`` with uncommitted changes to it), or None outside a git checkout.
+
+    The measured code is ``hf_vcreg/`` and ``benchmarks/`` except ``benchmarks/results/``: a results file written by
+    an earlier run is not a change to what the next run measures.
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     try:
         git = ["git", "-C", str(root)]
         sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "hf_vcreg", "benchmarks"], capture_output=True,
-                               text=True, check=True)
+        paths = ["hf_vcreg", "benchmarks", ":(exclude)benchmarks/results"]
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", *paths], capture_output=True, text=True,
+                               check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
