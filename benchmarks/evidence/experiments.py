@@ -51,7 +51,6 @@ class Profile:
     families: tuple[str, ...]  # default model families (--models overrides)
     train_size: int  # fine / coarse pretraining images: a stratified subset (seed 0) of the 50k pool
     epochs: dict[str, float]  # pretraining epochs per family
-    batch_size: int = 128
     weight_decay: float = 0.05
     warmup: float = 0.05  # fraction of the steps with a linear learning-rate warm-up (then cosine decay)
     val_size: int = 10_000  # held-out validation images (stratified, seed 0) of the 60k training split
@@ -79,8 +78,7 @@ class Profile:
 
 PROFILES = {
     # Sized from measured run times to about 2 hours at --jobs 2 on a 2-core machine (see RESULTS.md caveats).
-    "full": Profile("full", families=("vit", "cnn"), train_size=50_000, epochs={"cnn": 3, "vit": 4},
-                    batch_size=256),
+    "full": Profile("full", families=("vit", "cnn"), train_size=50_000, epochs={"cnn": 3, "vit": 4}),
     # Smoke test: every experiment and code path, a few minutes.
     "quick": Profile(
         "quick", families=("vit", "cnn"), train_size=2_000, epochs={"cnn": 1, "vit": 1, "timm_cnn": 1, "timm_vit": 1},
@@ -91,7 +89,7 @@ PROFILES = {
     # Tests: every code path, seconds per run, about 20 runs.
     "tiny": Profile(
         "tiny", families=("cnn",), train_size=300, epochs={"cnn": 1, "vit": 1, "timm_cnn": 1, "timm_vit": 1},
-        batch_size=100, val_size=300, test_size=300, probe_pool_size=200, long_tail_n_max=60, imbalance_ratio=10,
+        val_size=300, test_size=300, probe_pool_size=200, long_tail_n_max=60, imbalance_ratio=10,
         few_shot_draws=2, sweep_alphas=(1.0,), sweep_betas=(0.0, 10.0), sweep_seeds=1, headline_seeds=2,
         reference_families=(), moons_train=100, moons_test=200, moons_steps=20, moons_hidden=16,
         moons_strengths=(1.0,), moons_seeds=2,
@@ -135,7 +133,7 @@ def make_spec(profile: Profile, family: str, task: str, seed: int, vcreg: dict) 
         "seed": seed,
         "vcreg": vcreg,
         "train": {"size": None if task == "long_tail" else p.train_size, "epochs": p.epochs[family],
-                  "batch_size": p.batch_size, "learning_rate": fam.learning_rate, "weight_decay": p.weight_decay,
+                  "batch_size": fam.batch_size, "learning_rate": fam.learning_rate, "weight_decay": p.weight_decay,
                   "warmup": p.warmup},
         "data": data,
     }
@@ -386,7 +384,8 @@ class Suite:
         meta.update({"profile": profile, "families": list(self.families),
                      "experiments": list(self.experiments),
                      "models": {f: {"source": FAMILIES[f].source, "config": FAMILIES[f].config,
-                                    "learning_rate": FAMILIES[f].learning_rate} for f in self.families},
+                                    "learning_rate": FAMILIES[f].learning_rate, "batch_size": FAMILIES[f].batch_size}
+                                for f in self.families},
                      "machine": machine_info(self.threads), "versions": versions()})
         started, t0 = _now(), time.time()
         trained = run_specs(self.plan.ready, self.cache, self.jobs, self.threads)

@@ -47,7 +47,8 @@ class Family:
         stages: regular expression matching every stage's name in full, or None (no stages apart from blocks);
             skipped when the stages are the blocks (one block per stage).
         subset: whether the ``subset`` placement (second half of the blocks) exists.
-        learning_rate: peak AdamW learning rate (cosine schedule, 5 % warm-up).
+        learning_rate: peak AdamW learning rate (cosine schedule with the profile's warm-up).
+        batch_size: training batch size.
     """
 
     name: str
@@ -60,6 +61,7 @@ class Family:
     stages: str | None
     subset: bool
     learning_rate: float
+    batch_size: int
 
     def build(self, num_labels: int, seed: int) -> nn.Module:
         """A randomly initialised classifier with ``num_labels`` outputs; ``seed`` fixes the initialisation."""
@@ -127,13 +129,14 @@ FAMILIES: dict[str, Family] = {
         blocks=r"resnet\.encoder\.stages\.\d+\.layers\.\d+",
         stages=r"resnet\.encoder\.stages\.\d+",
         subset=False,
-        learning_rate=3e-3,
+        learning_rate=4e-3,
+        batch_size=256,
     ),
     "vit": Family(
         name="vit",
         source="transformers",
-        config=dict(image_size=28, patch_size=7, num_channels=1, hidden_size=96, num_hidden_layers=6,
-                    num_attention_heads=4, intermediate_size=192, hidden_dropout_prob=0.0,
+        config=dict(image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=4,
+                    num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.0,
                     attention_probs_dropout_prob=0.0),
         builder=_hf_vit,
         feature_module="vit.layernorm",
@@ -142,6 +145,7 @@ FAMILIES: dict[str, Family] = {
         stages=None,
         subset=True,
         learning_rate=2e-3,
+        batch_size=128,
     ),
     "timm_cnn": Family(
         name="timm_cnn",
@@ -153,12 +157,13 @@ FAMILIES: dict[str, Family] = {
         blocks=r"layer\d\.\d+",
         stages=r"layer\d",
         subset=False,
-        learning_rate=3e-3,
+        learning_rate=4e-3,
+        batch_size=256,
     ),
     "timm_vit": Family(
         name="timm_vit",
         source="timm",
-        config=dict(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0),
+        config=dict(img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
         builder=_timm_vit,
         feature_module="fc_norm",  # after the model's own token pooling: (B, D)
         pool=_flatten,
@@ -166,6 +171,7 @@ FAMILIES: dict[str, Family] = {
         stages=None,
         subset=True,
         learning_rate=2e-3,
+        batch_size=128,
     ),
 }
 

@@ -142,12 +142,13 @@ def _protocol(plan: Plan, meta: dict, selection_rule: str) -> list[str]:
         "Student-t interval over seeds. Numbers are mean ± sample std over seeds.",
         f"- **Selection rule** (`selection.json`): {selection_rule}",
         f"- **Training**: AdamW, cosine schedule with {100 * p.warmup:g} % warm-up, weight decay {p.weight_decay:g}, "
-        f"batch {p.batch_size}, through `VCRegTrainer`; the baseline is alpha = beta = 0 (no hooks). Profile "
+        "through `VCRegTrainer`; the baseline is alpha = beta = 0 (no hooks). Profile "
         f"`{p.name}`.",
         "",
-        _table(["family", "library", "model", "parameters", "learning rate", "epochs"], [
+        _table(["family", "library", "model", "parameters", "batch", "learning rate", "epochs"], [
             [f, meta["models"][f]["source"], _model_text(f, meta["models"][f]["config"]),
-             _params(plan, f), f"{meta['models'][f]['learning_rate']:g}", f"{p.epochs[f]:g}"]
+             _params(f), str(meta["models"][f]["batch_size"]), f"{meta['models'][f]['learning_rate']:g}",
+             f"{p.epochs[f]:g}"]
             for f in plan.families
         ]),
         f"- **Machine**: {m['cpu']}, {m['cores']} cores shared with other jobs, {m['threads_per_job']} thread(s) per "
@@ -174,7 +175,7 @@ def _model_text(family: str, config: dict) -> str:
     return f"timm ViT, patch {c['patch_size']}, width {c['embed_dim']}, depth {c['depth']}, {c['num_heads']} heads"
 
 
-def _params(plan: Plan, family: str) -> str:
+def _params(family: str) -> str:
     model = FAMILIES[family].build(10, 0)
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
 
@@ -363,6 +364,53 @@ def _not_helping(plan: Plan, family: str, name: str, comparison) -> list[str]:
     return lines
 
 
+SUMMARY_METRICS = [("fine", "test_source_accuracy", "source acc."), ("fine", "test_cross_domain_probe", "cross-domain"),
+                   ("coarse", "test_hierarchical_probe", "hierarchical"), ("fine", "test_few_shot_probe", "few-shot"),
+                   ("long_tail", "test_balanced_accuracy", "long tail")]
+
+
+def _summary_section(plan: Plan) -> list[str]:
+    """One row per family: the chosen setting and the paired test Δ (points) with its 95 % interval."""
+    rows = []
+    for family in plan.families:
+        chosen = plan.chosen(family)
+        if chosen is None:
+            continue
+        cells = [family, label(chosen)]
+        for task, metric, _ in SUMMARY_METRICS:
+            base = _values(plan, family, task, BASE, plan.seeds(plan.profile.headline_seeds), metric)
+            treated = _values(plan, family, task, chosen, plan.seeds(plan.profile.headline_seeds), metric)
+            if not set(base) & set(treated):
+                cells.append("—")
+                continue
+            st = paired(base, treated)
+            ci = "" if st["ci_low"] is None else \
+                f" [{_num(st['ci_low'], True, 1, True)}, {_num(st['ci_high'], True, 1, True)}]"
+            cells.append(f"{_num(st['delta_mean'], True, 1, True)}{ci} ({st['positive']}/{st['n']})")
+        rows.append(cells)
+    if not rows:
+        return []
+    return ["## Summary", "",
+            "Paired test Δ VCReg − baseline in points at each family's chosen setting, 95 % interval in brackets, "
+            "(seeds with Δ > 0 / seeds). Details and the settings' validation numbers below.", "",
+            _table(["family", "chosen setting", *[t for _, _, t in SUMMARY_METRICS]], rows)]
+
+
+def _cost_section(plan: Plan) -> list[str]:
+    """Median wall and CPU seconds per run, per family and task, over the runs the report uses."""
+    used = {r["key"]: r for r in map(plan.cache.get, plan.ready()) if r is not None}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in used.values():
+        groups.setdefault((record["spec"]["family"], record["spec"]["task"]), []).append(record)
+    rows = [[family, task, str(len(rs)), f"{np.median([r['wall_s'] for r in rs]):.0f}",
+             f"{np.median([r['cpu_s'] for r in rs]):.0f}", f"{sum(r['wall_s'] for r in rs) / 3600:.2f}"]
+            for (family, task), rs in sorted(groups.items())]
+    return ["## Cost of the runs", "",
+            "Per family and task: runs used by this report, median wall and CPU (process) seconds per run, total "
+            "wall hours (runs execute in parallel, so the suite's wall time is lower).", "",
+            _table(["family", "task", "runs", "median wall s", "median CPU s", "wall h"], rows)]
+
+
 def _starvation_section(plan: Plan, rel: str, results: Path) -> list[str]:
     p = plan.profile
     seeds = plan.seeds(p.moons_seeds)
@@ -536,6 +584,7 @@ def build(results: Path, out: Path, plots: bool = True) -> str:
         "`runs.jsonl` (every run: its exact configuration and metrics), `suite.json` (profile, machine, "
         "sessions), `selection.json` (the chosen settings). Every number below is computed from them.",
         "",
+        *_summary_section(plan),
         *_protocol(plan, meta, rule),
         *_baselines(plan),
         *_selection_section(plan, rel),
@@ -550,6 +599,7 @@ def build(results: Path, out: Path, plots: bool = True) -> str:
         *_sweep_section(plan, rel, results),
         *_placement_section(plan),
         *_starvation_section(plan, rel, results),
+        *_cost_section(plan),
         CAVEATS.format(headline_seeds=plan.profile.headline_seeds, sweep_seeds=plan.profile.sweep_seeds),
     ]
     text = "\n".join(parts)
