@@ -29,8 +29,7 @@ from benchmarks.evidence.data import (
     two_moons_separable,
 )
 from hf_vcreg.data import DIGITS_NAMES, load_digits_dataset, with_transforms
-
-DIGITS_TRAIN_COUNTS = [133, 136, 133, 137, 136, 136, 136, 134, 131, 135]  # seed 0, test_size 0.25
+from test_data import DIGITS_TRAIN_COUNTS, _counts, _labels, digits  # noqa: F401 (digits: the shared fixture)
 
 FASHION_MISSING = not all(
     (FASHION_MNIST_ROOT / name).is_file() or (FASHION_MNIST_ROOT / f"{name}.gz").is_file()
@@ -41,19 +40,6 @@ needs_fashion_mnist = pytest.mark.skipif(
     FASHION_MISSING,
     reason=f"Fashion-MNIST IDX files absent under {FASHION_MNIST_ROOT}: apt-get install dataset-fashion-mnist",
 )
-
-
-def _labels(dataset, column="label"):
-    return np.asarray(dataset.with_format("numpy")[column][:])
-
-
-def _counts(dataset, column="label"):
-    return np.bincount(_labels(dataset, column), minlength=dataset.features[column].num_classes).tolist()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_dataset()
 
 
 def test_coarse_digits_counts_are_sums_of_fine_counts_and_fine_label_is_kept(digits):

@@ -237,8 +237,8 @@ def test_feature_extraction_records_the_classifier_input():
 
 
 def test_every_family_has_its_placements_and_features():
-    expected = {"cnn": {"blocks": 8, "stages": 4, "last": 1}, "vit": {"blocks": 6, "last": 1, "subset": 3},
-                "timm_cnn": {"blocks": 4, "last": 1}, "timm_vit": {"blocks": 6, "last": 1, "subset": 3}}
+    expected = {"cnn": {"blocks": 8, "stages": 4, "last": 1}, "vit": {"blocks": 4, "last": 1, "subset": 2},
+                "timm_cnn": {"blocks": 4, "last": 1}, "timm_vit": {"blocks": 4, "last": 1, "subset": 2}}
     for name, family in FAMILIES.items():
         model = family.build(10, 0)
         placements = family.placements(model)

@@ -55,7 +55,7 @@ class Profile:
     warmup: float = 0.05  # fraction of the steps with a linear learning-rate warm-up (then cosine decay)
     val_size: int = 10_000  # held-out validation images (stratified, seed 0) of the 60k training split
     test_size: int | None = None  # None: the whole 10k test split; else a stratified subset (tests)
-    probe_pool_size: int = 5_000  # hierarchical probe: trained on this many pretraining images (fine labels)
+    probe_pool_size: int = 10_000  # hierarchical probe: trained on this many pretraining images (fine labels)
     long_tail_n_max: int = 5_000  # long tail: head-class images (class 0); tail class n_max / imbalance_ratio
     imbalance_ratio: float = 100.0
     few_shot_shots: int = 5  # few-shot digits probe: images per class
@@ -314,12 +314,8 @@ class Plan:
                     unlocking += self.headline_specs(family, chosen, p.headline_seeds)
         if "starvation" in self.experiments:
             fillers += self.moons_specs()
-        return unlocking + _interleave(stage1) + fillers
-
-
-def _interleave(specs: list[dict]) -> list[dict]:
-    """Order by seed first, so that both seeds of a setting do not wait for the whole grid of seed 0."""
-    return sorted(specs, key=lambda s: s["seed"])
+        # Family by family: the first family's stage 2 and headline can start while the next one's stage 1 runs.
+        return unlocking + stage1 + fillers
 
 
 # ---------------------------------------------------------------------------------------------- the suite

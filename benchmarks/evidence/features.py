@@ -3,13 +3,12 @@
 - `extract`: logits and penultimate features in one pass, recorded by ``hf_vcreg.capture.BlockCapture`` (the
   library's own hooks) with a transform that returns the tensor unchanged;
 - `linear_probe` / `few_shot_probe`: scikit-learn logistic regression on standardised frozen features;
-- `representation_stats`: effective rank, NC1 / CDNV (the shipped metrics) and the VCReg variance / covariance
+- `representation_stats`: effective rank, NC1 / CDNV (``hf_vcreg.metrics``) and the VCReg variance / covariance
   terms (``hf_vcreg.penalty``) of a feature matrix.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from hf_vcreg.capture import BlockCapture
+from hf_vcreg.metrics import effective_rank, neural_collapse
 from hf_vcreg.penalty import covariance_loss, variance_loss
 
 from .models import Family
@@ -97,13 +97,6 @@ def few_shot_probe(
     return {name: float(np.mean(v)) for name, v in scores.items()}
 
 
-@functools.cache
-def _metric(name: str):
-    from hf_vcreg.metrics import load_metric
-
-    return load_metric(name)
-
-
 def representation_stats(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Statistics of a ``(N, d)`` feature matrix with its labels.
 
@@ -113,8 +106,7 @@ def representation_stats(features: torch.Tensor, labels: torch.Tensor) -> dict[s
     (``covariance_loss``), both lower = closer to VCReg's target.
     """
     h = features.double()
-    nc = _metric("neural_collapse").compute(embeddings=h.numpy(), labels=labels.tolist())
-    rank = _metric("effective_rank").compute(embeddings=h.numpy())
+    nc, rank = neural_collapse(h, labels), effective_rank(h)
     return {
         "effective_rank": float(rank["effective_rank"]),
         "nc1": float(nc["nc1"]),

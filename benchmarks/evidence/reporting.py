@@ -134,7 +134,7 @@ def _protocol(plan: Plan, meta: dict, selection_rule: str) -> list[str]:
         f"4-superclass model's features, probe of the 10 fine classes trained on {p.probe_pool_size:,} "
         f"pretraining images; long tail: pretraining on an imbalanced subset of the pool (ratio "
         f"{p.imbalance_ratio:g}, class counts {lt_counts}), balanced accuracy and class-group accuracies; "
-        "effective rank, NC1 and CDNV of the penultimate test features (the shipped metrics) and the VCReg "
+        "effective rank, NC1 and CDNV of the penultimate test features (`hf_vcreg.metrics`) and the VCReg "
         "variance / covariance terms of those features (`hf_vcreg.penalty`).",
         f"- **Seeds**: sweep {plan.seeds(p.sweep_seeds)}, headline {plan.seeds(p.headline_seeds)}. A seed sets "
         "the initialisation and the batch order; data splits are fixed. Baseline and VCReg runs of a seed start "
@@ -274,19 +274,22 @@ def _sweep_section(plan: Plan, rel: str, results: Path) -> list[str]:
 
 
 def _ablation(first: dict, table: dict) -> list[str]:
+    """One coefficient at a time around the stage-1 choice, read from the grid: its row (alpha fixed, every beta,
+    beta = 0 being the variance term alone) and its column (beta fixed, alpha = 0 being the covariance term alone)."""
     s = first["setting"]
-    rows = []
-    for name, alpha, beta in (("both terms", s["alpha"], s["beta"]), ("variance only", s["alpha"], 0.0),
-                              ("covariance only", 0.0, s["beta"])):
-        key = label(setting(alpha, beta, s["placement"]))
-        if key in table:
-            t = table[key]
-            rows.append([name, key, _pts(t["source_delta"]), _pts(t["hierarchical_delta"]),
-                         _pts(t["cross_domain_delta"]), _pts(t["objective"])])
-    if len(rows) < 2:
+    names = []
+    for name in table:
+        a, b = (float(x.split("=")[1]) for x in name.split(", ")[:2])
+        if (a == s["alpha"] or b == s["beta"]) and name.endswith(f", {s['placement']}"):
+            names.append(name)
+    if len(names) < 2:
         return []
-    return ["Ablation at the stage-1 choice, read from the grid (validation):", "",
-            _table(["terms", "setting", "source Δ", "hierarchical Δ", "cross-domain Δ", "objective"], rows)]
+    rows = [[f"**{n}**" if n == first["label"] else n, "variance only" if n.split(", ")[1] == "beta=0" else
+             "covariance only" if n.startswith("alpha=0,") else "both terms", _pts(table[n]["source_delta"]),
+             _pts(table[n]["hierarchical_delta"]), _pts(table[n]["cross_domain_delta"]), _pts(table[n]["objective"])]
+            for n in names]
+    return ["Ablation, one coefficient at a time around the stage-1 choice (read from the grid, validation):", "",
+            _table(["setting", "terms", "source Δ", "hierarchical Δ", "cross-domain Δ", "objective"], rows)]
 
 
 def _placement_section(plan: Plan) -> list[str]:
@@ -328,7 +331,8 @@ def _headline_section(plan: Plan, rel: str, results: Path) -> tuple[list[str], l
     p = plan.profile
     out = ["## Headline: chosen setting vs baseline (test)", "",
            f"Test splits, {p.headline_seeds} seeds; accuracies in %, Δ in points. Each family uses its own chosen "
-           "setting. Seeds 0 and 1 of the `fine` and `coarse` rows are the sweep's runs of the same configuration.",
+           f"setting. Seeds {plan.seeds(min(p.sweep_seeds, p.headline_seeds))} of the `fine` and `coarse` rows are the "
+           "sweep's runs of the same configuration (measured once, on both splits).",
            ""]
     if (results / "headline.png").exists():
         out += [f"![headline]({rel}/headline.png)", ""]
@@ -527,7 +531,7 @@ def plot_headline(plan: Plan, path: Path) -> bool:
         hi = np.array([100 * s["ci_high"] for _, s in rows]) - means
         ax.errorbar(means, y, xerr=[lo, hi], fmt="o", color="tab:blue", capsize=3)
         ax.axvline(0.0, color="k", lw=0.8)
-        ax.set_yticks(y, [row[2].split(":")[0] + ": " + row[1].replace("test_", "") for row, _ in rows], fontsize=7)
+        ax.set_yticks(y, [f"{row[0]}: {row[1].removeprefix('test_')}" for row, _ in rows], fontsize=7)
         ax.set_xlabel("Δ VCReg − baseline (points), 95 % CI")
         ax.set_title(f"{family}: {name}", fontsize=9)
     _save(fig, path)

@@ -76,11 +76,12 @@ class RunCache:
 
     def add(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.path.read_text() if self.path.exists() else ""
-        with open(self.path, "a") as f:
-            if text and not text.endswith("\n"):  # a line cut short by a kill: start on a fresh line
-                f.write("\n")
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        with open(self.path, "a+b") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line cut short by a kill: start on a fresh line
+                    f.write(b"\n")
+            f.write((json.dumps(record, sort_keys=True) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
         self.records[record["key"]] = record
@@ -205,7 +206,10 @@ def _image_run(spec: dict) -> dict:
 def _moons_metrics(model, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict:
     """Test accuracy, and with the dominant coordinate x0 shuffled / zeroed, and with the minor one x1 shuffled."""
     model.eval()
-    acc = lambda z: float((model(z).argmax(1) == y).double().mean())  # noqa: E731
+
+    def acc(z: torch.Tensor) -> float:
+        return float((model(z).argmax(1) == y).double().mean())
+
     g = torch.Generator().manual_seed(1000 + seed)
     shuffled, zeroed, minor = x.clone(), x.clone(), x.clone()
     shuffled[:, 0] = shuffled[torch.randperm(len(x), generator=g), 0]

@@ -30,7 +30,10 @@ def paired(baseline: dict[int, float], treated: dict[int, float], confidence: fl
     t = np.array([treated[s] for s in seeds], dtype=np.float64)
     d = t - b
     n = len(seeds)
-    std = (lambda x: float(x.std(ddof=1)) if n > 1 else 0.0)
+
+    def std(x: np.ndarray) -> float:
+        return float(x.std(ddof=1)) if n > 1 else 0.0
+
     out = {
         "n": n,
         "seeds": seeds,
