@@ -205,6 +205,16 @@ def test_a_second_invocation_trains_nothing_and_a_lost_run_is_retrained_identica
 
 
 @needs_fashion_mnist
+@pytest.mark.slow
+def test_two_worker_processes_train_the_same_runs_as_one_process(suite_out, tmp_path):
+    out, trained = suite_out
+    assert Suite(PROFILES["tiny"], tmp_path, families=("cnn",), jobs=2).run() == trained
+    one = {r["key"]: r["metrics"] for r in _records(out)}
+    two = {r["key"]: r["metrics"] for r in _records(tmp_path)}
+    assert two == one  # same runs, same numbers: a run does not depend on the process or the order it ran in
+
+
+@needs_fashion_mnist
 def test_report_regenerates_byte_identically_and_shows_the_protocol(suite_out):
     out, _ = suite_out
     written = (out / "RESULTS.md").read_bytes()
