@@ -25,7 +25,7 @@ def report_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.evidence report",
                                      description="Regenerate RESULTS.md and the plots from a results folder.")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="Results folder of a suite run.")
     parser.add_argument("--out", type=Path, default=None,
                         help="Default: benchmarks/RESULTS.md for benchmarks/results/evidence, else RESULTS.md inside "
                         "the results folder.")
@@ -41,7 +41,12 @@ def run_main(argv: list[str]) -> int:
     from .models import FAMILIES
     from .reporting import build
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.evidence", description=__doc__.split(";")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.evidence",
+        description="Baseline vs VCReg evidence suite: trains the runs missing from --out (finished runs in "
+        "runs.jsonl are reused, so a killed suite resumes), then writes the report. `... report --help`: the report "
+        "alone.",
+    )
     parser.add_argument("--quick", action="store_true", help="The smoke-test profile (a few minutes).")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="Overrides --quick.")
     parser.add_argument("--out", type=Path, default=None,
