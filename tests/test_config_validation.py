@@ -243,6 +243,10 @@ def test_library_defaults_are_the_committed_sweep_pick():
 
     from hf_vcreg.config import VCREG_DEFAULTS
 
+    # NOTE (to change with the new defaults): this still reads the OLD protocol's sweep.json, the source of today's
+    # VCREG_DEFAULTS. The new protocol writes benchmarks/results/evidence/selection.json ({"families": {family:
+    # {"vcreg_alpha", "vcreg_beta", "placement", "layers", ...}}}); pin the per-family defaults to that file and
+    # delete sweep.json when the full run's results are committed.
     sweep = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/evidence/sweep.json").read_text())
     selection = sweep["selection"]
     assert selection["best_variant"] == f"alpha={selection['best_alpha']:g}, beta={selection['best_beta']:g}"
