@@ -27,8 +27,8 @@ belong here (``vcreg_delta`` / ``vcreg_max_rows`` use ``None`` for "off"). PROVI
 the evidence protocol's pick (``benchmarks/results/evidence/selection.json``, pinned by
 ``tests/test_config_validation.py``)."""
 
-# The old protocol's single pick (benchmarks/results/evidence/sweep.json), no longer a VCRegConfig default: read by
-# the old benchmarks/evidence.py and pinned by its test until the new protocol's results replace both.
+# The old protocol's single pick (benchmarks/results/evidence/sweep.json), no longer a VCRegConfig default. Only the
+# old sweep's pin test (and the pre-package benchmarks/evidence.py) reads it: remove it with sweep.json.
 VCREG_DEFAULTS = {"vcreg_alpha": 0.01, "vcreg_beta": 0.1}
 
 
