@@ -9,14 +9,26 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-__all__ = ["VCRegConfig", "VCREG_DEFAULTS"]
+__all__ = ["RECOMMENDED", "VCRegConfig", "VCREG_DEFAULTS"]
 
-# Defaults: the pick of the committed alpha/beta sweep (benchmarks/results/evidence/sweep.json, "selection";
-# README "Where the defaults come from"). tests/test_config_validation.py pins them to that file.
+RECOMMENDED: dict[str, dict[str, Any]] = {
+    "cnn": {"vcreg_alpha": 1.0, "vcreg_beta": 10.0},
+    "transformer": {"vcreg_alpha": 0.01, "vcreg_beta": 0.1},
+}
+"""Recommended ``vcreg_*`` values per model family (:func:`hf_vcreg.family.model_family`: ``"cnn"`` or
+``"transformer"``). A field listed here defaults to ``None`` in :class:`VCRegConfig`, which means "this table's
+value for the model's family"; the trainer fills it in when it is built (``VCRegTrainer.vcreg_resolved``), and an
+explicit value always wins. Every family lists the same fields, and only fields whose ``None`` means "recommended"
+belong here (``vcreg_delta`` / ``vcreg_max_rows`` use ``None`` for "off"). PROVISIONAL values, to be replaced from
+the evidence protocol's pick (``benchmarks/results/evidence/selection.json``, pinned by
+``tests/test_config_validation.py``)."""
+
+# The old protocol's single pick (benchmarks/results/evidence/sweep.json), no longer a VCRegConfig default. Only the
+# old sweep's pin test (and the pre-package benchmarks/evidence.py) reads it: remove it with sweep.json.
 VCREG_DEFAULTS = {"vcreg_alpha": 0.01, "vcreg_beta": 0.1}
 
 
@@ -29,15 +41,27 @@ class VCRegConfig(TrainingArguments):
     of :mod:`hf_vcreg.penalty` and ``reduce`` the mean (default) or the sum over layers. Statistics are per
     micro-batch (per device unless ``vcreg_distributed_stats``); with gradient accumulation the update is the
     mean of the per-micro-batch gradients.
+
+    ``vcreg_alpha`` / ``vcreg_beta`` left unset (``None``) take the :data:`RECOMMENDED` value of the model's
+    family, resolved by the trainer from the model (``VCRegTrainer.vcreg_family``, ``.vcreg_resolved``); both
+    set to 0 is plain training (no hooks). ``vcreg_monitor_only`` logs the statistics without any penalty.
     """
 
-    vcreg_alpha: float = field(
-        default=VCREG_DEFAULTS["vcreg_alpha"],
-        metadata={"help": "Coefficient of the variance term V = mean_j relu(gamma - sqrt(Var(z_j) + eps)). >= 0."},
+    vcreg_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Coefficient of the variance term V = mean_j relu(gamma - sqrt(Var(z_j) + eps)). >= 0. Unset: "
+            "the recommended value for the model's family (hf_vcreg.config.RECOMMENDED: 'cnn' or 'transformer'), "
+            "resolved and logged when the trainer is built."
+        },
     )
-    vcreg_beta: float = field(
-        default=VCREG_DEFAULTS["vcreg_beta"],
-        metadata={"help": "Coefficient of the covariance term K = sum_{i!=j} h(C_ij) / (d (d - 1)). >= 0."},
+    vcreg_beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Coefficient of the covariance term K = sum_{i!=j} h(C_ij) / (d (d - 1)). >= 0. Unset: the "
+            "recommended value for the model's family (hf_vcreg.config.RECOMMENDED). alpha = beta = 0: plain "
+            "training, no hooks."
+        },
     )
     vcreg_gamma: float = field(
         default=1.0, metadata={"help": "Target standard deviation of every feature in the variance hinge. > 0."}
@@ -88,6 +112,15 @@ class VCRegConfig(TrainingArguments):
     vcreg_log_per_layer: bool = field(
         default=False, metadata={"help": "Also log the variance and covariance terms of every layer."}
     )
+    vcreg_monitor_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Hook the layers and log vcreg/variance, vcreg/covariance and vcreg/skipped_layers (computed "
+            "without gradient, same rows, gamma, eps, delta and statistics as the penalty would use), but add "
+            "nothing to the loss: training is exactly the plain run's (loss == task_loss; no vcreg/penalty is "
+            "logged; vcreg_alpha / vcreg_beta are not applied). For a baseline to set beside a VCReg run."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,8 +135,9 @@ class VCRegConfig(TrainingArguments):
 
         for name in ("vcreg_alpha", "vcreg_beta"):
             value = getattr(self, name)
-            if not number(value) or value < 0:
-                raise bad(name, "use a finite number >= 0 (0 turns the term off).")
+            if value is not None and (not number(value) or value < 0):
+                raise bad(name, "use a finite number >= 0 (0 turns the term off), or leave it unset for the "
+                          "recommended value of the model's family.")
         for name in ("vcreg_gamma", "vcreg_eps"):
             value = getattr(self, name)
             if not number(value) or value <= 0:
@@ -118,7 +152,7 @@ class VCRegConfig(TrainingArguments):
             isinstance(self.vcreg_max_rows, bool) or not isinstance(self.vcreg_max_rows, int) or self.vcreg_max_rows < 2
         ):
             raise bad("vcreg_max_rows", "use an integer >= 2 (a covariance needs 2 rows), or leave it unset.")
-        for name in ("vcreg_distributed_stats", "vcreg_log_per_layer"):  # JSON "false" / 0 would be truthy
+        for name in ("vcreg_distributed_stats", "vcreg_log_per_layer", "vcreg_monitor_only"):  # JSON "false" / 0 would be truthy
             if type(getattr(self, name)) is not bool:
                 raise bad(name, "use a bool: true or false (True / False in Python); strings such as 'false', "
                           "numbers such as 0 and numpy bools are refused.")
@@ -136,9 +170,31 @@ class VCRegConfig(TrainingArguments):
 
     @property
     def vcreg_enabled(self) -> bool:
-        """False when both coefficients are 0: the trainer then installs no hooks at all."""
-        return self.vcreg_alpha > 0 or self.vcreg_beta > 0
+        """False when the config alone turns VCReg off: both coefficients set to 0 and ``vcreg_monitor_only`` off.
 
-    def vcreg_dict(self) -> dict:
-        """The ``vcreg_*`` fields as a plain dict (for model cards and logs)."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k.startswith("vcreg_")}
+        The trainer then selects no layers and installs no hooks. An unset coefficient counts as on here; the
+        trainer decides with the model's family (``VCRegTrainer.vcreg_resolved``), and installs no hooks either
+        when the resolved coefficients are both 0.
+        """
+        if self.vcreg_monitor_only:
+            return True
+        return any(value is None or value > 0 for value in (self.vcreg_alpha, self.vcreg_beta))
+
+    def vcreg_recommended_fields(self) -> list[str]:
+        """Names of the fields left unset (``None``) that take their family's :data:`RECOMMENDED` value."""
+        fields = RECOMMENDED[next(iter(RECOMMENDED))]
+        return [name for name in fields if getattr(self, name) is None]
+
+    def vcreg_dict(self, family: str | None = None) -> dict:
+        """The ``vcreg_*`` fields as a plain dict (for model cards and logs).
+
+        Without ``family``: the fields as set (``None`` for a coefficient left to its family's recommendation).
+        With ``family`` (a key of :data:`RECOMMENDED`): those unset fields filled with the family's values, i.e.
+        the values a trainer uses for a model of that family.
+        """
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__ if k.startswith("vcreg_")}
+        if family is not None:
+            if family not in RECOMMENDED:
+                raise ValueError(f"family={family!r} is unknown: use one of {sorted(RECOMMENDED)}.")
+            values.update({k: RECOMMENDED[family][k] for k in self.vcreg_recommended_fields()})
+        return values

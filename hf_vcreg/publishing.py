@@ -66,6 +66,7 @@ __all__ = [
     "stage_published_files",
     "timm_data_config",
     "timm_module",
+    "vcreg_sources",
 ]
 
 logger = logging.getLogger(__name__)
@@ -289,6 +290,8 @@ def render_model_card(
     license: str | None = None,
     base_model: str | None = None,
     training_hparams: dict[str, Any] | None = None,
+    vcreg_sources: str | None = None,
+    monitor_only: bool = False,
     template_path: str | os.PathLike | None = None,
 ) -> ModelCard:
     """Render the VCReg model card (metadata + text) from explicit values; see :func:`model_card_from_trainer`.
@@ -296,7 +299,8 @@ def render_model_card(
     ``library_name`` is ``"transformers"`` or ``"timm"`` (the checkpoint format). ``repo_id`` is a Hub id or a
     local folder (the fine-tuning commands then use ``local-dir:`` for timm). The metadata carries the tags
     ``vcreg``, ``image-classification`` (+ ``timm``), ``pipeline_tag: image-classification`` and, when an
-    evaluation accuracy and a data set are known, a ``model-index`` entry.
+    evaluation accuracy and a data set are known, a ``model-index`` entry. ``vcreg_sources`` is a sentence saying
+    where the coefficients came from (:func:`vcreg_sources`); ``monitor_only`` says the layers were only monitored.
     """
     is_timm = library_name == "timm"
     all_tags = ["vcreg", "image-classification"] + (["timm"] if is_timm else [])
@@ -337,12 +341,28 @@ def render_model_card(
         metrics={split: [(label, key, _fmt(value, exact=False), step) for key, label, value, step in rows]
                  for split, rows in metrics.items()},
         training_hparams=[(k, _fmt(v)) for k, v in (training_hparams or {}).items()],
+        vcreg_sources=vcreg_sources,
+        monitor_only=monitor_only,
         bibtex=PAPER_BIBTEX,
     )
 
 
+def vcreg_sources(args: Any, family: str | None, recommended: list[str]) -> str:
+    """Where ``vcreg_alpha`` / ``vcreg_beta`` came from, as a sentence for the card.
+
+    Each is "recommended for <family> models" (left unset: :data:`hf_vcreg.config.RECOMMENDED`) or "set by the
+    user"; a monitor-only run (``vcreg_monitor_only``) applied neither, which the sentence says instead.
+    """
+    if getattr(args, "vcreg_monitor_only", False):
+        return "Monitor-only run (`vcreg_monitor_only`): `vcreg_alpha` and `vcreg_beta` were not applied."
+    parts = [f"`{name}` " + (f"recommended for {family} models (hf_vcreg's per-family default)" if name in recommended
+                             else "set by the user") for name in ("vcreg_alpha", "vcreg_beta")]
+    return "Coefficients: " + "; ".join(parts) + "."
+
+
 def model_card_from_trainer(trainer: Any, repo_id: str | None = None, **kwargs: Any) -> ModelCard:
-    """The card of a ``VCRegTrainer`` run (duck-typed: ``args``, ``model``, ``state``, ``vcreg_layer_names``).
+    """The card of a ``VCRegTrainer`` run (duck-typed: ``args``, ``model``, ``state``, ``vcreg_layer_names``, and
+    ``vcreg_resolved`` / ``vcreg_family`` / ``vcreg_recommended``: the values used and where they came from).
 
     ``kwargs`` are those of ``Trainer.create_model_card`` / ``push_to_hub``: ``dataset`` (display name; default:
     the train data set's ``info.dataset_name``), ``dataset_tags`` (Hub data set ids for the metadata),
@@ -363,7 +383,10 @@ def model_card_from_trainer(trainer: Any, repo_id: str | None = None, **kwargs: 
     return render_model_card(
         repo_id=repo_id,
         library_name="timm" if timm_model is not None else "transformers",
-        vcreg_hparams=args.vcreg_dict(),
+        vcreg_hparams=getattr(trainer, "vcreg_resolved", None) or args.vcreg_dict(),
+        vcreg_sources=vcreg_sources(args, getattr(trainer, "vcreg_family", None),
+                                    list(getattr(trainer, "vcreg_recommended", []))),
+        monitor_only=bool(getattr(args, "vcreg_monitor_only", False)),
         layer_names=list(getattr(trainer, "vcreg_layer_names", []) or []),
         architecture=architecture,
         log_history=list(trainer.state.log_history),

@@ -3,7 +3,10 @@
 Step 3 of the data flow (capture -> penalty -> trainer -> publishing). The trainer is the method:
 
 * it finds the blocks (:mod:`hf_vcreg.capture`) and hooks them while ``compute_loss`` runs;
-* it adds ``reduce_l(alpha V_l + beta K_l)`` (:mod:`hf_vcreg.penalty`) to the task loss;
+* it resolves unset coefficients to the recommended values of the model's family (:mod:`hf_vcreg.family`,
+  :data:`hf_vcreg.config.RECOMMENDED`), for the model it is built with and for each one ``model_init`` builds;
+* it adds ``reduce_l(alpha V_l + beta K_l)`` (:mod:`hf_vcreg.penalty`) to the task loss, or with
+  ``vcreg_monitor_only`` only logs the statistics (no gradient, nothing added);
 * it owns gradient-accumulation scaling: the task loss of a micro-batch is its mean and the Trainer divides
   the total by the number of accumulation steps (``loss_is_scaled_for_ga = False``, and
   ``num_items_in_batch`` is never passed to the model), so equal micro-batches give exactly the large-batch
@@ -19,6 +22,8 @@ Private ``Trainer`` methods overridden (what to check on a transformers upgrade)
 
 * here, ``_set_signature_columns_if_needed``: a bare timm / ``nn.Module`` model's ``forward`` takes a tensor, so
   the Trainer cannot read its columns from the signature; ``pixel_values`` and the label columns are kept;
+* here, ``_hp_search_setup``: the one point of ``train()`` after ``model_init`` has built the new model and a
+  hyperparameter trial has set its values on ``args``; the VCReg set-up is rebuilt there;
 * :mod:`~hf_vcreg.checkpointing`, ``_save_checkpoint``: wraps the Trainer's save with staging, fsync and rename;
 * ``_get_output_dir``: points the Trainer's checkpoint folder at the staging folder while it saves;
 * ``_push_from_checkpoint``: defers a checkpoint's Hub push until the folder has its final name;
@@ -45,6 +50,7 @@ from transformers import PreTrainedModel, Trainer
 from .capture import BlockCapture, CapturedLayer, sample_rows, select_layers, unwrap_model
 from .checkpointing import AtomicCheckpointMixin, last_complete_checkpoint
 from .config import VCRegConfig
+from .family import model_family
 from .penalty import VCRegSpec, apply_penalty, release_scratch
 from .publishing import HubPublishingMixin
 
@@ -64,9 +70,12 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
 
         from hf_vcreg import VCRegConfig, VCRegTrainer
 
-        args = VCRegConfig(output_dir="out", vcreg_alpha=0.01, vcreg_beta=0.1)
+        args = VCRegConfig(output_dir="out")  # alpha, beta: recommended for the model's family
         trainer = VCRegTrainer(model=model, args=args, train_dataset=train, eval_dataset=test)
         trainer.train()
+
+    ``model_init=`` (a function returning a fresh model) may replace ``model``, as for ``Trainer``; it makes
+    ``trainer.hyperparameter_search`` work over the ``vcreg_*`` fields (``docs/tuning.md``).
 
     ``model`` may be any ``transformers`` model that returns a loss, or a bare ``timm`` / ``nn.Module``
     classifier taking ``pixel_values`` and returning logits (the trainer then computes the cross-entropy).
@@ -83,18 +92,10 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
                 f"args must be a VCRegConfig, got {type(args).__name__}. Build one with the same fields, e.g. "
                 "VCRegConfig(output_dir=..., vcreg_alpha=..., **other_training_arguments)."
             )
-        if model is None:
-            raise ValueError("VCRegTrainer needs a model (model_init is not supported: the hooks need the instance).")
         args._validate_vcreg()  # again: fields may have been changed after the config was built
         super().__init__(model, args, *a, **kw)
         # The trainer computes per-micro-batch means; never let the model normalise by num_items_in_batch.
         self.model_accepts_loss_kwargs = False
-        base = unwrap_model(self.model)
-        self._bare_model = not isinstance(base, PreTrainedModel)
-        if self._bare_model and not self.label_names:
-            self.label_names = ["labels"]
-        if hasattr(base, "add_model_tags"):
-            base.add_model_tags(self._tag_names)
         self._vcreg_metrics: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -108,15 +109,45 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         self._vcreg_last_micro = {"train": (-1, 0), "eval": (-1, 0)}
         self._vcreg_capture: BlockCapture | None = None
         self._vcreg_in_training_step = False
+        self._vcreg_setup()
+
+    def _vcreg_setup(self) -> None:
+        """Everything VCReg derives from the model and ``args``: family, coefficients, layers, spec and hooks.
+
+        Runs when the trainer is built, and again in ``train()`` for each model ``model_init`` builds (every
+        hyperparameter-search trial, once the trial's values are on ``args``). Sets the public attributes:
+
+        * ``vcreg_family``: ``"cnn"`` or ``"transformer"`` (:func:`~hf_vcreg.family.model_family`);
+        * ``vcreg_resolved``: every ``vcreg_*`` value used, the unset coefficients filled with the family's
+          :data:`~hf_vcreg.config.RECOMMENDED` values (``args.vcreg_dict(family)``);
+        * ``vcreg_recommended``: the fields that took the recommended value (the others were set by the user);
+        * ``vcreg_layer_names``: the hooked layers; empty (no hooks, plain training) when both resolved
+          coefficients are 0 and ``vcreg_monitor_only`` is off.
+        """
+        args = self.args
+        args._validate_vcreg()  # a trial sets its values on args after the trainer was built
+        self._remove_hooks()  # those of the previous model, if any
+        base = unwrap_model(self.model)
+        self._bare_model = not isinstance(base, PreTrainedModel)
+        if self._bare_model and not self.label_names:
+            self.label_names = ["labels"]
+        if hasattr(base, "add_model_tags"):
+            base.add_model_tags(self._tag_names)
+        self.vcreg_family = model_family(base)
+        self.vcreg_resolved = args.vcreg_dict(self.vcreg_family)
+        self.vcreg_recommended = args.vcreg_recommended_fields()
+        alpha, beta = self.vcreg_resolved["vcreg_alpha"], self.vcreg_resolved["vcreg_beta"]
+        monitor = args.vcreg_monitor_only
         self.vcreg_layer_names: list[str] = []
-        if args.vcreg_enabled:
+        self._vcreg_capture = self._vcreg_group = None
+        if monitor or alpha > 0 or beta > 0:
             self.vcreg_layer_names = select_layers(base, args.vcreg_layers)
             self._vcreg_group = self._resolve_group(args)
             world = dist.get_world_size(self._vcreg_group) if self._vcreg_group is not None else 1
             weight = 1.0 / len(self.vcreg_layer_names) if args.vcreg_layer_reduction == "mean" else 1.0
             self._vcreg_spec = VCRegSpec(
-                alpha=args.vcreg_alpha,
-                beta=args.vcreg_beta,
+                alpha=0.0 if monitor else alpha,
+                beta=0.0 if monitor else beta,
                 gamma=args.vcreg_gamma,
                 eps=args.vcreg_eps,
                 delta=args.vcreg_delta,
@@ -124,7 +155,28 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
                 grad_multiplier=float(world) if args.vcreg_implementation == "gradient" else 1.0,
             )
             self._vcreg_capture = BlockCapture(base, self.vcreg_layer_names, self._vcreg_transform)
-            self._check_gradient_checkpointing(args)
+            if not monitor:  # without a gradient, a block run without autograd loses nothing
+                self._check_gradient_checkpointing(args)
+        logger.info(self._vcreg_summary())
+
+    def _vcreg_summary(self) -> str:
+        """One line: the family, the coefficients and where they came from (logged by :meth:`_vcreg_setup`)."""
+        family, resolved, recommended = self.vcreg_family, self.vcreg_resolved, self.vcreg_recommended
+        if self.args.vcreg_monitor_only:
+            return (f"VCReg monitor-only for a {family} model: logging vcreg/variance and vcreg/covariance of "
+                    f"{len(self.vcreg_layer_names)} layers without a penalty (vcreg_alpha / vcreg_beta are not applied).")
+        values = ", ".join(f"{k.removeprefix('vcreg_')}={resolved[k]!r}" for k in ("vcreg_alpha", "vcreg_beta"))
+        if not self.vcreg_layer_names:
+            return f"VCReg off for a {family} model ({values}): plain training, no hooks."
+        if len(recommended) == 2:
+            return (f"VCReg defaults for a {family} model: {values} (recommended; set vcreg_alpha / vcreg_beta to "
+                    "override).")
+        values = ", ".join(
+            f"{k.removeprefix('vcreg_')}={resolved[k]!r} "
+            + (f"(recommended for {family}; set {k} to override)" if k in recommended else "(set by the user)")
+            for k in ("vcreg_alpha", "vcreg_beta")
+        )
+        return f"VCReg for a {family} model: {values}."
 
     # ------------------------------------------------------------------ set-up checks
     @staticmethod
@@ -155,7 +207,8 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         return (((self.args.seed * 1_000_003 + step) * 1_009 + micro) * 101 + layer_index) % (2**63 - 1)
 
     def _vcreg_transform(self, layer: CapturedLayer, x: torch.Tensor) -> torch.Tensor:
-        if self.model.training and torch.is_grad_enabled() is False and self._vcreg_in_training_step:
+        monitor = self.args.vcreg_monitor_only
+        if not monitor and self.model.training and torch.is_grad_enabled() is False and self._vcreg_in_training_step:
             raise ReentrantCheckpointError(
                 f"Block {layer.name!r} ran without autograd during a training step: reentrant gradient checkpointing "
                 "(e.g. timm set_grad_checkpointing or torch.utils.checkpoint with use_reentrant=True) would silently "
@@ -163,6 +216,12 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
             )
         n_rows = x.numel() // x.shape[layer.axis] if x.shape[layer.axis] else 0
         rows = sample_rows(n_rows, self.args.vcreg_max_rows, self._row_seed(layer.index), x.device)
+        if monitor:  # the explicit statistics (alpha = beta = 0 in the spec) on a detached input: no graph, x untouched
+            with torch.no_grad():
+                _, penalty, v, k, valid = apply_penalty(x.detach(), layer.axis, rows, self._vcreg_spec,
+                                                        self._vcreg_group, "loss")
+            self._vcreg_records.append((layer, penalty, v, k, valid))
+            return x
         out, penalty, v, k, valid = apply_penalty(
             x, layer.axis, rows, self._vcreg_spec, self._vcreg_group, self.args.vcreg_implementation
         )
@@ -205,6 +264,8 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
             )
         penalty = torch.stack([r[1] for r in records]).sum()
         self._record_metrics(mode, task_loss, penalty, records)
+        if self.args.vcreg_monitor_only:  # statistics only: the loss, hence the gradient, is the plain run's
+            return (task_loss, outputs) if return_outputs else task_loss
         loss = task_loss + penalty.to(task_loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
@@ -289,6 +350,8 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
                 continue
             metrics[key] = value
         buffered.clear()
+        if self.args.vcreg_monitor_only:  # no penalty was applied: loss == task_loss
+            metrics.pop("vcreg/penalty", None)
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -313,6 +376,13 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         """After training / a standalone evaluation: no hooks on the model, no CPU scratch buffers held."""
         self._remove_hooks()
         release_scratch()
+
+    def _hp_search_setup(self, trial) -> None:
+        """``Trainer._hp_search_setup`` (a trial's values set on ``args``), then :meth:`_vcreg_setup` for the model
+        ``model_init`` has just built in ``train()``, with those values."""
+        super()._hp_search_setup(trial)
+        if self.model_init is not None:
+            self._vcreg_setup()
 
     def train(self, *args, **kwargs):
         """``Trainer.train`` (``resume_from_checkpoint=True``: see :class:`AtomicCheckpointMixin`), then :meth:`_finish`."""
