@@ -88,8 +88,15 @@ def launch(scenarios: list[dict], out_dir: Path, timeout: float) -> dict[str, li
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: the group this call started
+            # torchrun starts every worker in a session of its own: kill them by id, then the launcher's group.
+            import psutil
+
+            workers = psutil.Process(proc.pid).children(recursive=True)
+            for p in workers:
+                p.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            psutil.wait_procs(workers, timeout=30)
             pytest.fail(f"2-process run exceeded {timeout:.0f} s (deadlock?); log tail:\n{log.read_text()[-4000:]}")
     if rc != 0:
         pytest.fail(f"2-process run exited with {rc}; log tail:\n{log.read_text()[-4000:]}")
