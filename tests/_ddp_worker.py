@@ -154,8 +154,9 @@ def recording_trainer_class():
             self.local: list[dict] = []  # this rank's own values of every forward, before any averaging
 
         def _record_metrics(self, mode, task_loss, penalty, records):
-            self.local.append({"mode": mode, "task_loss": task_loss.item(),
-                               "penalty": None if penalty is None else penalty.item()})
+            self.local.append({"mode": mode, "step": self.state.global_step, "task_loss": task_loss.item(),
+                               "penalty": None if penalty is None else penalty.item(),
+                               "layers": {r[0].name: (r[2].item(), r[3].item(), bool(r[4])) for r in records}})
             super()._record_metrics(mode, task_loss, penalty, records)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
