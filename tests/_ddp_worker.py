@@ -208,6 +208,8 @@ def run_scenario(scenario: dict, out_dir: str, rank: int) -> dict:
     ``resume`` (passed to ``train(resume_from_checkpoint=...)``).
     """
     result: dict = {"name": scenario["name"], "rank": rank, "error": None}
+    # accelerate turns FSDP on for the rest of the process once a plugin was given (it sets this variable)
+    os.environ.pop("ACCELERATE_USE_FSDP", None)
     Trainer = recording_trainer_class()
     model = build_model(scenario["model"], seed=scenario.get("model_seed", MODEL_SEED), depth=scenario.get("depth", 2))
     train = make_dataset(scenario["n_train"])
