@@ -246,8 +246,20 @@ def run_scenario(scenario: dict, out_dir: str, rank: int) -> dict:
         result["output_dir"] = trainer.args.output_dir
         result["records_after"] = len(trainer._vcreg_records)
         result["engine"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    result["sharded_params"] = sharded_parameters(model)
     result["state_dict"] = full_state_dict(model)
     return result
+
+
+def sharded_parameters(model: nn.Module) -> int:
+    """How many parameters this rank holds only a part of (FSDP2's DTensor shards, ZeRO-3's partitions)."""
+    count = 0
+    for p in model.parameters():
+        if hasattr(p, "to_local"):
+            count += p.to_local().numel() < p.numel()
+        elif hasattr(p, "ds_tensor"):
+            count += p.ds_tensor.numel() < p.ds_numel
+    return count
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

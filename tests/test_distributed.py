@@ -57,32 +57,18 @@ TOL = 1e-6  # float32, two SGD steps at lr 0.5: measured differences are <= 1e-7
 
 
 # ---------------------------------------------------------------------------------------------- launching
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch(scenarios: list[dict], out_dir: Path, timeout: float) -> dict[str, list[dict]]:
-    """Run the scenarios on 2 processes; return ``{name: [rank0 result, rank1 result]}``.
+def run_launcher(cmd: list[str], log: Path, timeout: float) -> None:
+    """Run a multi-process launcher (``torch.distributed.run``, ``accelerate launch``) with its output in ``log``.
 
-    Fails the test (never hangs) when the launch exceeds ``timeout`` seconds or exits non-zero.
+    Fails the test (never hangs) when it exceeds ``timeout`` seconds or exits non-zero.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scenarios.json").write_text(json.dumps(scenarios))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={WORLD}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(WORKER),
-        str(out_dir / "scenarios.json"),
-        str(out_dir),
-    ]
-    log = out_dir / "launch.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -100,6 +86,24 @@ def launch(scenarios: list[dict], out_dir: Path, timeout: float) -> dict[str, li
             pytest.fail(f"2-process run exceeded {timeout:.0f} s (deadlock?); log tail:\n{log.read_text()[-4000:]}")
     if rc != 0:
         pytest.fail(f"2-process run exited with {rc}; log tail:\n{log.read_text()[-4000:]}")
+
+
+def launch(scenarios: list[dict], out_dir: Path, timeout: float) -> dict[str, list[dict]]:
+    """Run the scenarios on 2 processes; return ``{name: [rank0 result, rank1 result]}`` (see :func:`run_launcher`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scenarios.json").write_text(json.dumps(scenarios))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(WORKER),
+        str(out_dir / "scenarios.json"),
+        str(out_dir),
+    ]
+    run_launcher(cmd, out_dir / "launch.log", timeout)
     return {
         s["name"]: [torch.load(out_dir / f"{s['name']}.rank{r}.pt", weights_only=False) for r in range(WORLD)]
         for s in scenarios

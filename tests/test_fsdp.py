@@ -79,8 +79,10 @@ def _layers(kind: str) -> str:
 
 
 def _fsdp_ok(results) -> None:
+    """No error, FSDP ran, and every rank held shards of the parameters (not whole copies)."""
     _ok(results)
     assert [r["engine"] for r in results] == ["FSDP"] * WORLD
+    assert all(r["sharded_params"] > 0 for r in results)
 
 
 # ---------------------------------------------------------------------------------------------- equality
