@@ -42,6 +42,7 @@ def _accelerate_launch(config: str, output_dir: Path, tmp_path: Path) -> Path:
     return output_dir / "vcreg"
 
 
+@pytest.mark.slow  # two launches of the example script: about 1-2 minutes
 def test_accelerate_ddp_and_fsdp2_configs_train_on_two_processes_with_finite_logs_and_loadable_checkpoints(tmp_path):
     from transformers import AutoModelForImageClassification
 
