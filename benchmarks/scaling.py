@@ -2,7 +2,7 @@
 
 For a token tensor ``(B, T, d)`` (``n = B * T`` rows) the script times, per implementation:
 
-* ``gradient``: :class:`hf_vcreg.VCRegFunction` forward + backward (the extra work over the identity);
+* ``gradient``: :class:`hf_vcreg.penalty.VCRegFunction` forward + backward (the extra work over the identity);
 * ``loss``: the explicit penalty differentiated by autograd;
 * ``block``: a transformers ``ViTLayer`` of width ``d`` (``d / 64`` heads, MLP ``4 d``) forward + backward on the
   same tensor, the work one regularised block does anyway; ``gradient / block`` is the overhead of VCReg on

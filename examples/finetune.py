@@ -10,9 +10,7 @@ Data: ``--dataset_name`` (a Hub data set, or ``sklearn-digits``: scikit-learn's 
 ``--train_dir``/``--validation_dir`` (``imagefolder`` folders). Without a validation split, ``--train_val_split``
 of the training set is held out.
 
-Metric: accuracy through ``evaluate``, from the metric module shipped with hf_vcreg
-(``hf_vcreg.metrics.load_metric("accuracy")``, offline) when hf_vcreg is installed, else the same formula in
-numpy (``mean(predictions == labels)``); the log says which.
+Metric: accuracy, ``mean(predictions == labels)`` in numpy.
 
 ``--linear_probe``: the backbone is frozen (no gradient, and kept in eval mode so BatchNorm statistics and
 dropout stay fixed); only the classification head is trained (``classifier``, or timm's ``get_classifier()``).
@@ -114,16 +112,8 @@ def load_data(data_args: DataTrainingArguments, seed: int) -> DatasetDict:
 
 
 def load_accuracy():
-    """``compute_metrics`` for the Trainer: hf_vcreg's shipped ``evaluate`` accuracy module, else numpy."""
-    try:
-        from hf_vcreg.metrics import load_metric
-
-        metric = load_metric("accuracy")
-        logger.info("accuracy: evaluate module %s (shipped with hf_vcreg)", metric.name)
-        return lambda p: metric.compute(predictions=np.argmax(p.predictions, axis=1), references=p.label_ids)
-    except ImportError:
-        logger.info("accuracy: numpy mean(predictions == labels) (hf_vcreg is not installed)")
-        return lambda p: {"accuracy": float(np.mean(np.argmax(p.predictions, axis=1) == p.label_ids))}
+    """``compute_metrics`` for the Trainer: ``{"accuracy": mean(argmax(logits) == labels)}``."""
+    return lambda p: {"accuracy": float(np.mean(np.argmax(p.predictions, axis=1) == p.label_ids))}
 
 
 def classification_head(model: nn.Module) -> nn.Module:

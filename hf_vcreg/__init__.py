@@ -3,29 +3,29 @@
 The package follows the data flow: :mod:`~hf_vcreg.capture` (blocks and sample matrices) ->
 :mod:`~hf_vcreg.penalty` (statistics, penalty, autograd function) -> :mod:`~hf_vcreg.trainer`
 (``VCRegTrainer``, with :mod:`~hf_vcreg.config`'s ``VCRegConfig``) -> :mod:`~hf_vcreg.publishing`
-(checkpoint format, model card, Hub push errors).
+(checkpoint format, model card, Hub push errors). :mod:`~hf_vcreg.checkpointing` is general ``Trainer``
+infrastructure (atomic checkpoints, strict resume); :mod:`~hf_vcreg.metrics` holds representation metrics.
+
+The names below are the public API; internals (``BlockCapture``, ``find_blocks``, ``VCRegFunction``, ...) are
+imported from their modules.
 """
 
-from .capture import BlockCapture, feature_axis, find_blocks, select_layers
 from .config import VCRegConfig
+from .metrics.representation import effective_rank, neural_collapse
+from .penalty import covariance_loss, covariance_matrix, variance_loss, vcreg_loss
 from .publishing import HubPushError
-from .penalty import VCRegFunction, VCRegSpec, covariance_loss, covariance_matrix, variance_loss, vcreg_loss
 from .trainer import VCRegTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockCapture",
     "HubPushError",
     "VCRegConfig",
-    "VCRegFunction",
-    "VCRegSpec",
     "VCRegTrainer",
     "covariance_loss",
     "covariance_matrix",
-    "feature_axis",
-    "find_blocks",
-    "select_layers",
+    "effective_rank",
+    "neural_collapse",
     "variance_loss",
     "vcreg_loss",
 ]

@@ -187,7 +187,7 @@ class VCRegSpec:
     grad_multiplier: float = 1.0
 
 
-# Largest |mean| / std of every feature for which the backward skips centring (see VCRegFunction._backward).
+# Largest |mean| / std of every feature for which the backward skips centring (see _uncentred_ok).
 _MAX_MEAN_OVER_STD = 100.0
 # Smallest spatial size (H W) of a channels-first map for the backward's batched-matmul path.
 _MIN_MAP_SIZE = 16
@@ -235,11 +235,11 @@ def _scratch(slot: int, shape, dtype: torch.dtype, device: torch.device) -> torc
     """An uninitialised ``shape`` tensor for a transient intermediate; on the CPU, a view into a reused buffer.
 
     A CPU allocation of an activation-sized tensor is fresh memory from the OS on every call (glibc hands large
-    blocks back), and each of its pages costs a page fault when first written: measured, that was about half of
-    VCReg's cost on a ResNet-18 step in a VM. So the centred copy ``Zc`` (slot 0) and the backward's ``Zc G`` (slot
-    1) reuse one buffer per slot, dtype and thread (thread-local: concurrent trainers in threads never share one),
-    grown to the largest layer and kept until :func:`release_scratch`. Nothing saved for the backward or returned
-    ever points into it. On other devices the caching allocator already reuses memory: a plain ``torch.empty``.
+    blocks back), and each of its pages costs a page fault when first written (benchmarks/PERFORMANCE.md, row 11).
+    So the centred copy ``Zc`` (slot 0) and the backward's ``Zc G`` (slot 1) reuse one buffer per slot, dtype and
+    thread (thread-local: concurrent trainers in threads never share one), grown to the largest layer and kept
+    until :func:`release_scratch`. Nothing saved for the backward or returned ever points into it. On other
+    devices the caching allocator already reuses memory: a plain ``torch.empty``.
     """
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
@@ -355,7 +355,7 @@ def _penalty_and_grad_matrix(
     ``dP/dC`` is symmetric: its diagonal comes from V, the rest from K. It is written **into** ``c`` (returned as
     the third output): the covariance matrix is not needed afterwards, so no ``d x d`` copy is made; one dot product
     gives K (no ``delta``) and one in-place scaling ``dP/dC``. ``scale`` is a number or a 0-d tensor. Few small
-    operations on purpose: between a model's blocks each one costs far more than its arithmetic (cold caches).
+    operations on purpose: inside a training step each one costs far more than its arithmetic (PERFORMANCE.md, row 9).
     """
     d = c.shape[0]
     diag = c.diagonal()
@@ -392,6 +392,15 @@ class VCRegFunction(torch.autograd.Function):
     With fewer rows than features (``n < d``, local statistics, no ``delta``: e.g. pooled features of a small
     batch) the ``d x d`` matrices are never formed: ``||C||_F = ||Zc Zc^T||_F / (n - 1)`` gives K and
     ``Zc G = c (A Zc) + Zc diag(w)`` with the ``n x n`` matrix ``A = Zc Zc^T / (n - 1)`` gives the gradient.
+
+    The backward adds ``Zc G`` (``G``: the scaled ``dP/dC``) by one of four paths, chosen in :meth:`_backward`:
+    :func:`_backward_dual` (``n < d``), :func:`_backward_feature_last` (tokens: one ``addmm``),
+    :func:`_backward_channels_first` (CNN maps: one ``baddbmm``) and :func:`_backward_general` (the rest).
+
+    Validity on the context, two plain fields: ``ctx.host_known`` is True where reading a value on the host costs
+    no device sync (the CPU), and ``ctx.known_invalid`` is then whether the layer was invalid (its backward passes
+    the incoming gradient through). Elsewhere (GPU) validity stays the device tensor ``ctx.valid``, applied with
+    masks instead of branches.
     """
 
     @staticmethod
@@ -409,7 +418,7 @@ class VCRegFunction(torch.autograd.Function):
         ctx.mu, ctx.axis, ctx.rows, ctx.matmul_dtype, ctx.g, ctx.dual = mu, axis, rows, matmul_dtype, None, None
         ctx.save_for_backward(x)
         if isinstance(n, int) and n < 2:  # undefined statistics, known on the host: no work at all
-            ctx.valid_host, ctx.valid = False, torch.tensor(False, device=x.device)
+            ctx.host_known, ctx.known_invalid, ctx.valid = True, True, torch.tensor(False, device=x.device)
             penalty, v, k = (mu.new_zeros(()) for _ in range(3))
             ctx.mark_non_differentiable(v, k, ctx.valid)
             return x.view_as(x), penalty, v, k, ctx.valid
@@ -427,14 +436,15 @@ class VCRegFunction(torch.autograd.Function):
         # Any non-finite C_ij makes K non-finite (a non-finite column spoils all its covariances); d = 1: check C_11.
         check = k if d > 1 else variances.sum()
         penalty = torch.add(v * (spec.weight * spec.alpha), k, alpha=spec.weight * spec.beta)
-        if _host_readable(check):  # known without a device sync: an invalid layer skips the backward work
-            ctx.valid_host = math.isfinite(float(check)) and (isinstance(n, int) or bool(n >= 2))
-            valid = torch.tensor(ctx.valid_host, device=check.device)
-            if not ctx.valid_host:
+        ctx.host_known = _host_readable(check)
+        if ctx.host_known:  # an invalid layer skips the backward work
+            ok = math.isfinite(float(check)) and (isinstance(n, int) or bool(n >= 2))
+            ctx.known_invalid, valid = not ok, torch.tensor(ok, device=check.device)
+            if not ok:
                 penalty.zero_()
                 ctx.g = ctx.dual = None
         else:
-            ctx.valid_host = None
+            ctx.known_invalid = False
             valid = torch.isfinite(check) if isinstance(n, int) else torch.isfinite(check) & (n >= 2)
             penalty = torch.where(valid, penalty, 0.0)
         ctx.variances, ctx.valid = variances, valid
@@ -461,102 +471,137 @@ class VCRegFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x, grad_penalty, *unused):
         with _no_autocast(ctx.valid.device):
-            return VCRegFunction._backward(ctx, grad_x, grad_penalty)
+            return VCRegFunction._backward(ctx, grad_x, grad_penalty), None, None, None, None
 
     @staticmethod
     def _backward(ctx, grad_x, grad_penalty):
+        """``grad_x`` plus the penalty's gradient, by the first path whose condition holds."""
         (x,) = ctx.saved_tensors
-        if grad_penalty is None or ctx.valid_host is False:
-            return grad_x, None, None, None, None
-        if grad_x is None:
-            grad_x = torch.zeros_like(x)
-        # The loss's scale reaches the injected gradient through grad_penalty. On the CPU with float32 (float64)
-        # activations it is folded into the matmuls' alpha; otherwise it multiplies the small d x d (n x n) factors
-        # before the matmul (no device sync; a half-precision result is never formed unscaled: fp16 loss scaling).
-        gp = float(grad_penalty) if ctx.valid_host is not None and x.dtype == ctx.mu.dtype else grad_penalty
-        samples = samples_view(x, ctx.axis)
-        d = samples.shape[-1]
+        if grad_penalty is None or ctx.known_invalid:
+            return grad_x
+        grad_x = torch.zeros_like(x) if grad_x is None else grad_x
+        # The loss's scale: a host number where that costs no sync and no cast, else a tensor (see _scaled)
+        gp = float(grad_penalty) if ctx.host_known and x.dtype == ctx.mu.dtype else grad_penalty
         if ctx.dual is not None:
-            a, w = ctx.dual
-            if isinstance(gp, torch.Tensor):
-                a, w, gp = a * gp.to(a.dtype), w * gp.to(a.dtype), 1.0
-            zc = VCRegFunction._centred_rows(ctx, samples, a.dtype)
-            extra = torch.mul(zc, w, out=_scratch(1, zc.shape, zc.dtype, zc.device)).addmm_(a, zc).to(x.dtype)
-            del zc
-            return VCRegFunction._add(ctx, grad_x, extra, gp, samples), None, None, None, None
-        g = ctx.g
-        if isinstance(gp, torch.Tensor):
-            g, gp = g * gp.to(g.dtype), 1.0
-        same_dtype = ctx.rows is None and ctx.matmul_dtype is None and x.dtype == g.dtype
-        fast = same_dtype and samples.is_contiguous()
-        if fast:
-            grad_samples = samples_view(grad_x, ctx.axis)
-            fast = grad_samples.is_contiguous()
-        if fast:
-            # Feature-last float32/float64 (transformer tokens): one matmul that also adds the incoming gradient.
-            # Zc G = Z G - 1 (mu^T G): no centred copy, one pass for the mean's row, when the mean is moderate
-            # (see _uncentred_ok).
-            uncentred = VCRegFunction._uncentred_ok(ctx)
-            z = samples.reshape(-1, d) if uncentred else _centred(samples, ctx.mu, g.dtype)
-            grad_in = torch.addmm(grad_samples.reshape(-1, d), z, g, alpha=gp)
-            if uncentred:
-                grad_in.sub_(torch.mv(g, ctx.mu), alpha=gp)
-            if ctx.valid_host is None:  # GPU: mask without a sync (a non-finite Z would turn G = 0 into NaN)
-                grad_in = torch.where(ctx.valid, grad_in, grad_samples.reshape(-1, d))
-            return grad_in.view(samples.shape).movedim(-1, ctx.axis), None, None, None, None
-        spatial = math.prod(x.shape[2:]) if ctx.axis == 1 and x.dim() > 2 else 0
-        if (
-            same_dtype
-            and spatial >= _MIN_MAP_SIZE
-            and x.is_contiguous()
-            and grad_x.is_contiguous()
-            and VCRegFunction._uncentred_ok(ctx)
-        ):
-            # Channels-first maps (CNN stages, NCHW): G X_b - (G mu) 1^T for every sample's (d, H W) block, one
-            # batched matmul that reads x in place and adds the incoming gradient (G is symmetric), then one pass
-            # for the mean; no transposed centred copy, no transposed sum. Small maps (H W < 16) would make the
-            # batched matmul slow: they take the general path below.
-            b = x.shape[0]
-            grad_in = torch.baddbmm(grad_x.view(b, d, spatial), g.expand(b, d, d), x.view(b, d, spatial), alpha=gp)
-            grad_in.sub_(torch.mv(g, ctx.mu).view(d, 1), alpha=gp)
-            return grad_in.view(x.shape), None, None, None, None
-        mm_dtype = ctx.matmul_dtype or g.dtype
-        zc = VCRegFunction._centred_rows(ctx, samples, mm_dtype)
-        if mm_dtype == x.dtype == g.dtype:
-            extra = torch.mm(zc, g, out=_scratch(1, zc.shape, x.dtype, zc.device))
-        else:
-            extra = _mm(zc, g.to(mm_dtype), x.dtype)
-        del zc
-        return VCRegFunction._add(ctx, grad_x, extra, gp, samples), None, None, None, None
+            return _backward_dual(ctx, x, grad_x, gp)
+        plain = ctx.rows is None and ctx.matmul_dtype is None and x.dtype == ctx.g.dtype  # all rows, one dtype
+        if plain and _feature_last(x, grad_x, ctx.axis):
+            return _backward_feature_last(ctx, x, grad_x, gp)
+        if plain and _map_size(x, ctx.axis) >= _MIN_MAP_SIZE and _contiguous(x, grad_x) and _uncentred_ok(ctx):
+            return _backward_channels_first(ctx, x, grad_x, gp)
+        return _backward_general(ctx, x, grad_x, gp)
 
-    @staticmethod
-    def _uncentred_ok(ctx) -> bool:
-        """Whether the backward may use ``Z G - 1 (mu^T G)`` instead of a centred copy (CPU only: needs the host).
 
-        Its rounding error, relative to the result, grows like ``|mu| / sigma`` (1e-5 in float32 at 100 sigma), so
-        every feature's ``|mu_j| / sigma_j`` (no eps) must be at most ``_MAX_MEAN_OVER_STD``; a constant feature
-        (``mu / 0``: inf or NaN) takes the exact centred path, where its gradient is exactly 0.
-        """
-        return ctx.valid_host is not None and (
-            float(torch.linalg.vector_norm(ctx.mu / ctx.variances.sqrt(), float("inf"))) <= _MAX_MEAN_OVER_STD
-        )
+# ------------------------------------------------------------------------------------------ backward paths
+def _feature_last(x: torch.Tensor, grad_x: torch.Tensor, axis: int) -> bool:
+    """Whether ``x`` and its gradient are contiguous with the feature axis last (transformer tokens)."""
+    return samples_view(x, axis).is_contiguous() and samples_view(grad_x, axis).is_contiguous()
 
-    @staticmethod
-    def _centred_rows(ctx, samples: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _centred(_used_rows(samples, ctx.rows), ctx.mu, dtype)
 
-    @staticmethod
-    def _add(ctx, grad_x: torch.Tensor, extra: torch.Tensor, gp: float, samples: torch.Tensor) -> torch.Tensor:
-        """``grad_x + gp * extra``, ``extra`` being the ``(rows used, d)`` gradient of the statistics' rows."""
-        if ctx.valid_host is None:  # GPU: mask without a sync (a non-finite Zc would turn G = 0 into NaN)
-            extra = torch.where(ctx.valid, extra, 0.0)
-        if ctx.rows is None:
-            return torch.add(grad_x, extra.view(samples.shape).movedim(-1, ctx.axis), alpha=gp)
-        grad_in = grad_x.clone()
-        if gp != 1.0:
-            extra.mul_(gp)
-        samples_view(grad_in, ctx.axis).index_put_(_row_index(samples, ctx.rows), extra, accumulate=True)
-        return grad_in
+def _map_size(x: torch.Tensor, axis: int) -> int:
+    """``H W`` (every axis after the channels) of a channels-first map ``(B, C, ...)``, else 0."""
+    return math.prod(x.shape[2:]) if axis == 1 and x.dim() > 2 else 0
+
+
+def _contiguous(x: torch.Tensor, grad_x: torch.Tensor) -> bool:
+    return x.is_contiguous() and grad_x.is_contiguous()
+
+
+def _uncentred_ok(ctx) -> bool:
+    """Whether the backward may use ``Z G - 1 (mu^T G)`` instead of a centred copy (CPU only: needs the host).
+
+    Its rounding error, relative to the result, grows like ``|mu| / sigma`` (PERFORMANCE.md, row 2b), so
+    every feature's ``|mu_j| / sigma_j`` (no eps) must be at most ``_MAX_MEAN_OVER_STD``; a constant feature
+    (``mu / 0``: inf or NaN) takes the exact centred path, where its gradient is exactly 0.
+    """
+    return ctx.host_known and (
+        float(torch.linalg.vector_norm(ctx.mu / ctx.variances.sqrt(), float("inf"))) <= _MAX_MEAN_OVER_STD
+    )
+
+
+def _scaled(factors: tuple[torch.Tensor, ...], gp: float | torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float]:
+    """``(factors, gp)`` with a tensor loss scale ``gp`` multiplied into the small factors (then ``gp = 1``).
+
+    A host number is folded into the matmul's ``alpha`` instead. A tensor scale (GPU: no sync; or a cast is
+    needed) multiplies the ``d x d`` (``n x n``) factors before the matmul, so a half-precision result is never
+    formed unscaled (fp16 loss scaling).
+    """
+    if isinstance(gp, torch.Tensor):
+        return tuple(f * gp.to(f.dtype) for f in factors), 1.0
+    return factors, gp
+
+
+def _backward_dual(ctx, x, grad_x, gp):
+    """``n < d``: ``Zc G = (A Zc) + Zc diag(w)`` from the saved ``n x n`` factors (see :meth:`VCRegFunction._dual`)."""
+    (a, w), gp = _scaled(ctx.dual, gp)
+    samples = samples_view(x, ctx.axis)
+    zc = _centred_rows(ctx, samples, a.dtype)
+    extra = torch.mul(zc, w, out=_scratch(1, zc.shape, zc.dtype, zc.device)).addmm_(a, zc).to(x.dtype)
+    del zc
+    return _add_rows(ctx, grad_x, extra, gp, samples)
+
+
+def _backward_feature_last(ctx, x, grad_x, gp):
+    """Feature-last float32/float64 (tokens): one matmul that also adds the incoming gradient.
+
+    ``Zc G = Z G - 1 (mu^T G)``: no centred copy, one pass for the mean's row, when the mean is moderate
+    (:func:`_uncentred_ok`).
+    """
+    (g,), gp = _scaled((ctx.g,), gp)
+    samples, grad_samples = samples_view(x, ctx.axis), samples_view(grad_x, ctx.axis)
+    d = samples.shape[-1]
+    uncentred = _uncentred_ok(ctx)
+    z = samples.reshape(-1, d) if uncentred else _centred(samples, ctx.mu, g.dtype)
+    grad_in = torch.addmm(grad_samples.reshape(-1, d), z, g, alpha=gp)
+    if uncentred:
+        grad_in.sub_(torch.mv(g, ctx.mu), alpha=gp)
+    if not ctx.host_known:  # GPU: mask without a sync (a non-finite Z would turn G = 0 into NaN)
+        grad_in = torch.where(ctx.valid, grad_in, grad_samples.reshape(-1, d))
+    return grad_in.view(samples.shape).movedim(-1, ctx.axis)
+
+
+def _backward_channels_first(ctx, x, grad_x, gp):
+    """Channels-first maps (CNN stages, NCHW, ``H W >= 16``): ``G X_b - (G mu) 1^T`` for every sample ``b``.
+
+    One batched matmul reads ``x`` in place and adds the incoming gradient (``G`` is symmetric), then one pass
+    for the mean: no transposed centred copy. Smaller maps make the batched matmul slow (general path).
+    """
+    (g,), gp = _scaled((ctx.g,), gp)
+    b, d, spatial = x.shape[0], x.shape[1], _map_size(x, ctx.axis)
+    grad_in = torch.baddbmm(grad_x.view(b, d, spatial), g.expand(b, d, d), x.view(b, d, spatial), alpha=gp)
+    grad_in.sub_(torch.mv(g, ctx.mu).view(d, 1), alpha=gp)
+    return grad_in.view(x.shape)
+
+
+def _backward_general(ctx, x, grad_x, gp):
+    """Any layout, row subsets, half-precision matmuls: ``Zc G`` from a centred copy of the rows used."""
+    (g,), gp = _scaled((ctx.g,), gp)
+    samples = samples_view(x, ctx.axis)
+    mm_dtype = ctx.matmul_dtype or g.dtype
+    zc = _centred_rows(ctx, samples, mm_dtype)
+    if mm_dtype == x.dtype == g.dtype:
+        extra = torch.mm(zc, g, out=_scratch(1, zc.shape, x.dtype, zc.device))
+    else:
+        extra = _mm(zc, g.to(mm_dtype), x.dtype)
+    del zc
+    return _add_rows(ctx, grad_x, extra, gp, samples)
+
+
+def _centred_rows(ctx, samples: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _centred(_used_rows(samples, ctx.rows), ctx.mu, dtype)
+
+
+def _add_rows(ctx, grad_x: torch.Tensor, extra: torch.Tensor, gp: float, samples: torch.Tensor) -> torch.Tensor:
+    """``grad_x + gp * extra``, ``extra`` being the ``(rows used, d)`` gradient of the statistics' rows."""
+    if not ctx.host_known:  # GPU: mask without a sync (a non-finite Zc would turn G = 0 into NaN)
+        extra = torch.where(ctx.valid, extra, 0.0)
+    if ctx.rows is None:
+        return torch.add(grad_x, extra.view(samples.shape).movedim(-1, ctx.axis), alpha=gp)
+    grad_in = grad_x.clone()
+    if gp != 1.0:
+        extra.mul_(gp)
+    samples_view(grad_in, ctx.axis).index_put_(_row_index(samples, ctx.rows), extra, accumulate=True)
+    return grad_in
 
 
 def explicit_penalty(x, axis, rows, spec, group):

@@ -19,6 +19,9 @@ the model's own library, **without hf_vcreg installed**:
 * ``README.md``: the model card, rendered from the Jinja2 template ``model_cards/vcreg_model_card.md``
   (shipped inside the package as ``hf_vcreg/model_cards/``) by :func:`model_card_from_trainer`.
 
+:class:`HubPublishingMixin` puts these into a ``Trainer``: its ``_save`` writes the format and the card, and a
+failed Hub request raises :class:`HubPushError`, which says what is safe on disk and how to retry.
+
 ``training_args.bin`` (the Trainer's pickled ``VCRegConfig``) still lands in checkpoints and in uploads, as
 with every ``Trainer``: no loader (``from_pretrained``, ``AutoImageProcessor``, ``timm.create_model``) reads
 it, so the published model loads without hf_vcreg; only ``torch.load`` of that one file needs it. The card
@@ -42,11 +45,13 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .capture import unwrap_model
 
 __all__ = [
     "CARD_TEMPLATE",
+    "HubPublishingMixin",
     "HubPushError",
     "PUBLISHED_FILES",
     "default_image_processor",
@@ -419,3 +424,74 @@ def stage_published_files(
             shutil.copy(src, Path(output_dir) / name)
             copied.append(name)
     return copied
+
+
+# ------------------------------------------------------------------------------------------ the Trainer mixin
+class HubPublishingMixin:
+    """``Trainer`` mixin: saves in the model library's own format with the VCReg card; Hub failures raise clearly.
+
+    Put it before ``Trainer`` in the bases. Overrides ``_save`` (private: the one place every save goes through,
+    checkpoints included) and ``_finish_current_push`` (private: where a failed background checkpoint push
+    surfaces), and the public ``create_model_card``, ``init_hf_repo`` and ``push_to_hub``. The card reads the
+    trainer duck-typed (see :func:`model_card_from_trainer`).
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save in the library's standard format (timm models: timm's hub format) + preprocessor config + card."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        timm_model = timm_module(self.model)
+        if timm_model is None:
+            super()._save(output_dir, state_dict)
+        elif self.args.should_save:
+            labels = label_names(self.model, self.train_dataset)
+            data_config = timm_data_config(self.processing_class)
+            save_timm_checkpoint(timm_model, output_dir, state_dict, labels, data_config)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if not self.args.should_save:
+            return
+        if timm_model is None:
+            save_image_processor(self.model, self.processing_class, output_dir)
+        self.model_card().save(os.path.join(output_dir, "README.md"))
+        if pushes_checkpoint(self, output_dir):  # the Trainer copies only config + weights over
+            stage_published_files(output_dir, self.args.output_dir, ("README.md", "preprocessor_config.json"))
+
+    def model_card(self, **kwargs):
+        """This run's VCReg model card (a ``huggingface_hub.ModelCard``), see :func:`model_card_from_trainer`."""
+        return model_card_from_trainer(self, **{**getattr(self, "_card_kwargs", {}), **kwargs})
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """Write the VCReg card to ``output_dir/README.md``; the arguments are remembered for later saves."""
+        given = dict(license=license, tags=tags, finetuned_from=finetuned_from, dataset_tags=dataset_tags,
+                     dataset=dataset)
+        self._card_kwargs = {**getattr(self, "_card_kwargs", {}), **{k: v for k, v in given.items() if v is not None}}
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self.model_card().save(os.path.join(self.args.output_dir, "README.md"))
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:
+            super().init_hf_repo(token, private)
+        except HUB_ERRORS as err:
+            raise push_error(err, self.args.output_dir, self.args.hub_model_id, creating=True) from err
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """``Trainer.push_to_hub``; a failed upload raises :class:`HubPushError` and a retry resumes it."""
+        try:
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        except HUB_ERRORS as err:
+            repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+            raise push_error(err, self.args.output_dir, repo_id) from err
+
+    def _finish_current_push(self) -> None:
+        super()._finish_current_push()
+        running = getattr(self, "push_in_progress", None)
+        failed = [job for job in getattr(running, "jobs", None) or [] if job.done() and job.exception() is not None]
+        for job in failed:
+            logger.warning("A checkpoint push to the Hub failed (%s); the next push_to_hub() uploads the whole "
+                           "output_dir again.", job.exception())
+        if failed:
+            running.jobs = [job for job in running.jobs if job not in failed]

@@ -1,130 +1,67 @@
 """``VCRegTrainer``: a ``transformers.Trainer`` that adds the VCReg penalty of every block to the task loss.
 
-Step 3 of the data flow (capture -> penalty -> trainer -> publishing). The trainer
+Step 3 of the data flow (capture -> penalty -> trainer -> publishing). The trainer is the method:
 
-* finds the blocks (:mod:`hf_vcreg.capture`) and hooks them while ``compute_loss`` runs;
-* adds ``reduce_l(alpha V_l + beta K_l)`` (:mod:`hf_vcreg.penalty`) to the task loss;
-* owns gradient-accumulation scaling: the task loss of a micro-batch is its mean and the Trainer divides
+* it finds the blocks (:mod:`hf_vcreg.capture`) and hooks them while ``compute_loss`` runs;
+* it adds ``reduce_l(alpha V_l + beta K_l)`` (:mod:`hf_vcreg.penalty`) to the task loss;
+* it owns gradient-accumulation scaling: the task loss of a micro-batch is its mean and the Trainer divides
   the total by the number of accumulation steps (``loss_is_scaled_for_ga = False``, and
   ``num_items_in_batch`` is never passed to the model), so equal micro-batches give exactly the large-batch
   update for every architecture, including those that accept but ignore ``num_items_in_batch``;
-* logs the task loss and the VCReg terms through ``log()`` (``eval_`` prefix in evaluation), trl-style;
-* resumes transformers 5.x checkpoints through the model's own loader (the Trainer's plain
-  ``load_state_dict`` silently misses renamed keys, transformers#43701);
-* removes its hooks when training or evaluation ends, so the saved model carries no trace of hf_vcreg;
-* writes every checkpoint atomically: into ``_incomplete-checkpoint-N/`` first, renamed to ``checkpoint-N`` once
-  complete, so a process killed mid-save never leaves a half-written ``checkpoint-N`` (upstream writes in place,
-  and ``get_last_checkpoint`` would pick it up); ``resume_from_checkpoint=True`` takes the newest complete one
-  (:func:`last_complete_checkpoint`).
+* it logs the task loss and the VCReg terms through ``log()`` (``eval_`` prefix in evaluation), trl-style;
+* it removes its hooks when training or evaluation ends, so the saved model carries no trace of hf_vcreg.
+
+Infrastructure comes from two mixins: :class:`~hf_vcreg.checkpointing.AtomicCheckpointMixin` (atomic
+checkpoints, ``resume_from_checkpoint=True``, strict resume; general, not VCReg-specific) and
+:class:`~hf_vcreg.publishing.HubPublishingMixin` (checkpoint format, model card, Hub errors).
+
+Private ``Trainer`` methods overridden (what to check on a transformers upgrade), all of them:
+
+* here, ``_set_signature_columns_if_needed``: a bare timm / ``nn.Module`` model's ``forward`` takes a tensor, so
+  the Trainer cannot read its columns from the signature; ``pixel_values`` and the label columns are kept;
+* :mod:`~hf_vcreg.checkpointing`, ``_save_checkpoint``: wraps the Trainer's save with staging, fsync and rename;
+* ``_get_output_dir``: points the Trainer's checkpoint folder at the staging folder while it saves;
+* ``_push_from_checkpoint``: defers a checkpoint's Hub push until the folder has its final name;
+* ``_load_from_checkpoint``: strict (missing / unexpected keys raise), through ``from_pretrained`` for
+  transformers models (transformers#43701), with a key check before the FSDP loader;
+* :mod:`~hf_vcreg.publishing`, ``_save``: every save (checkpoints too) in timm's format for timm models, with the
+  preprocessor config and the VCReg card;
+* ``_finish_current_push``: a failed background checkpoint push is logged and dropped instead of lost.
+
+Private attributes read or set: ``_tag_names``, ``_signature_columns``, ``push_in_progress``,
+``model_accepts_loss_kwargs``, ``loss_is_scaled_for_ga`` and ``is_fsdp_enabled``; for the logged means (weighted as
+the Trainer weighs ``loss`` / ``eval_loss``, :mod:`~hf_vcreg.distributed`), ``current_gradient_accumulation_steps``
+and ``gather_function``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import shutil
 from collections import defaultdict
 
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer
-from transformers.trainer import FSDP_MODEL_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from . import publishing
 from .capture import BlockCapture, CapturedLayer, sample_rows, select_layers, unwrap_model
+from .checkpointing import AtomicCheckpointMixin, last_complete_checkpoint
 from .config import VCRegConfig
 from .distributed import check_equal_batch_counts, kept_copies, metrics_group, resolve_group, weighted_means
 from .penalty import VCRegSpec, apply_penalty, release_scratch
+from .publishing import HubPublishingMixin
 
 __all__ = ["VCRegTrainer", "last_complete_checkpoint"]
 
 logger = logging.getLogger(__name__)
-
-TRAINER_STATE_NAME = "trainer_state.json"  # written last by Trainer._save_checkpoint
-# Checkpoints are staged here, then renamed. The leading "_" keeps Trainer.push_to_hub from uploading one.
-STAGING_PREFIX = "_incomplete-"
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-
-
-def _trainer_state_step(checkpoint: str) -> int | None:
-    """``global_step`` of a checkpoint's ``trainer_state.json``, or ``None`` when it is missing or truncated."""
-    try:
-        with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
-            step = json.load(f).get("global_step")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) else None
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` whose ``trainer_state.json`` parses and says step ``N``.
-
-    ``Trainer._save_checkpoint`` writes ``trainer_state.json`` after the weights, optimizer, scheduler and RNG
-    states, so a checkpoint passing this check was written completely. Unlike ``transformers``'
-    ``get_last_checkpoint`` it skips a half-written directory (a process killed mid-save by a trainer that writes
-    in place). ``None`` when there is no complete checkpoint.
-    """
-    found = []
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        match = _CHECKPOINT_RE.match(name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isdir(path) and _trainer_state_step(path) == int(match.group(1)):
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
-
-
-def _fsdp_checkpoint_mismatch(checkpoint: str, model: nn.Module) -> tuple[list[str], list[str]]:
-    """``(missing, unexpected)`` keys of an FSDP checkpoint against ``model``; rank 0 reads, every rank gets them.
-
-    Without this, the FSDP loader (``torch.distributed.checkpoint.set_model_state_dict``) raises an opaque
-    ``KeyError`` for unexpected keys of a full state dict, and ignores them in a sharded (DCP) one.
-    """
-    mismatch = [[], []]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        full = os.path.join(checkpoint, f"{FSDP_MODEL_NAME}.bin")
-        sharded = os.path.join(checkpoint, f"{FSDP_MODEL_NAME}_0")
-        if os.path.isfile(full):
-            saved = set(torch.load(full, map_location="cpu", mmap=True, weights_only=True))
-        elif os.path.isdir(sharded):  # accelerate saves {"model": state_dict}: DCP keys are "model.<name>"
-            from torch.distributed.checkpoint import FileSystemReader
-
-            saved = {k.removeprefix("model.") for k in FileSystemReader(sharded).read_metadata().state_dict_metadata}
-        else:
-            saved = None  # not an FSDP checkpoint: the Trainer's loader says so
-        if saved is not None:
-            expected = set(model.state_dict())
-            mismatch = [sorted(expected - saved), sorted(saved - expected)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(mismatch, src=0)
-    return mismatch[0], mismatch[1]
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: str) -> None:
-    """Flush every file under ``path`` and the directories themselves to disk (so a power cut keeps them too)."""
-    for root, _, files in os.walk(path):
-        for name in [*files, "."]:
-            _fsync(os.path.join(root, name))
 
 
 class ReentrantCheckpointError(RuntimeError):
     """A regularised block ran without autograd during training (reentrant gradient checkpointing)."""
 
 
-class VCRegTrainer(Trainer):
+class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
     """``Trainer`` with the VCReg penalty on the output of every block.
 
     Example::
@@ -175,8 +112,6 @@ class VCRegTrainer(Trainer):
         self._vcreg_last_micro = {"train": (-1, 0), "eval": (-1, 0)}
         self._vcreg_capture: BlockCapture | None = None
         self._vcreg_in_training_step = False
-        self._vcreg_staging_root: str | None = None  # set while Trainer._save_checkpoint writes a staged checkpoint
-        self._vcreg_deferred_push = False
         self.vcreg_layer_names: list[str] = []
         if args.vcreg_enabled:
             self.vcreg_layer_names = select_layers(base, args.vcreg_layers)
@@ -409,85 +344,12 @@ class VCRegTrainer(Trainer):
         self._remove_hooks()
         release_scratch()
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from :func:`last_complete_checkpoint`."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True: no complete checkpoint-N (with a valid {TRAINER_STATE_NAME}) in "
-                    f"output_dir={self.args.output_dir!r}. Start without resume_from_checkpoint, or pass a path."
-                )
-        elif isinstance(resume_from_checkpoint, (str, os.PathLike)) and _trainer_state_step(resume_from_checkpoint) is None:
-            raise ValueError(
-                f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not a complete checkpoint: its "
-                f"{TRAINER_STATE_NAME} is missing or truncated (a save was interrupted?). The newest complete one in "
-                f"its folder is {last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))!r}."
-            )
-        self._remove_staged_checkpoints()
+    def train(self, *args, **kwargs):
+        """``Trainer.train`` (``resume_from_checkpoint=True``: see :class:`AtomicCheckpointMixin`), then :meth:`_finish`."""
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            return super().train(*args, **kwargs)
         finally:
             self._finish()
-
-    # ------------------------------------------------------------------ atomic checkpoints
-    def _remove_staged_checkpoints(self) -> None:
-        """Delete ``_incomplete-checkpoint-*`` left by a process killed mid-save (they were never complete)."""
-        out = self.args.output_dir
-        if self.args.should_save and out and os.path.isdir(out):
-            for name in os.listdir(out):
-                if name.startswith(STAGING_PREFIX + PREFIX_CHECKPOINT_DIR):
-                    shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-
-    def _get_output_dir(self, trial) -> str:
-        if self._vcreg_staging_root is not None:
-            return self._vcreg_staging_root
-        return super()._get_output_dir(trial)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        if self._vcreg_staging_root is not None:  # push the renamed folder, not the staged one
-            self._vcreg_deferred_push = True
-            return
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """``Trainer._save_checkpoint`` into ``_incomplete-checkpoint-N/checkpoint-N``, then one rename to ``checkpoint-N``.
-
-        The Trainer computes the checkpoint folder from ``_get_output_dir``, which points at the staging folder while
-        it saves; every rank writes there (RNG states), all wait, and the saving process renames. Rotation
-        (``save_total_limit``) and the Hub push run after the rename, on the final folder.
-        """
-        run_dir = self._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = os.path.join(run_dir, STAGING_PREFIX + name)
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        self._vcreg_staging_root = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._vcreg_staging_root = None
-        if self.state.best_model_checkpoint == staged:
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save and os.path.isdir(staged):  # absent: another node on a shared disk renamed it
-            _fsync_tree(staged)
-            if os.path.exists(final):  # a checkpoint of the same step from an earlier run: replace it
-                os.replace(final, os.path.join(staging_root, name + ".replaced"))
-            os.replace(staged, final)
-            _fsync(run_dir)
-            shutil.rmtree(staging_root, ignore_errors=True)
-        if self._vcreg_deferred_push:
-            self._vcreg_deferred_push = False
-            super()._push_from_checkpoint(final)
-        if self.args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
 
     def _evaluation_call(self, method, *args, **kwargs):
         """Run ``Trainer.evaluate`` / ``predict``: row seeds restart, hooks go when no training is running."""
@@ -522,99 +384,3 @@ class VCRegTrainer(Trainer):
         if self._signature_columns is None and self._bare_model:
             self._signature_columns = ["pixel_values", "labels", "label", "label_ids"]
         super()._set_signature_columns_if_needed()
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Load strictly: a checkpoint whose keys do not match the model raises (the Trainer's loader only warns).
-
-        transformers models load through ``from_pretrained`` (which maps saved key names to the live ones); under
-        FSDP the engine's checkpoint keys are compared first (rank 0 reads them, every rank raises), then the
-        Trainer's FSDP loader runs.
-        """
-        target = unwrap_model(model if model is not None else self.model)
-        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
-        loaded = None
-        if self.is_fsdp_enabled:
-            missing, unexpected = _fsdp_checkpoint_mismatch(resume_from_checkpoint, target)
-        elif isinstance(target, PreTrainedModel) and os.path.isfile(weights):
-            loaded, info = type(target).from_pretrained(
-                resume_from_checkpoint, config=target.config, output_loading_info=True
-            )
-            missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
-            loaded = loaded.state_dict()
-        elif os.path.isfile(weights):  # a bare model (timm, nn.Module): its state dict as saved
-            loaded = safetensors.torch.load_file(weights)
-            expected = target.state_dict().keys()
-            missing, unexpected = sorted(expected - loaded.keys()), sorted(loaded.keys() - expected)
-        else:
-            missing = unexpected = []
-        if missing or unexpected:
-            raise RuntimeError(
-                f"Checkpoint {resume_from_checkpoint} does not match the model: missing keys {missing[:10]}, "
-                f"unexpected keys {unexpected[:10]}. Resume with the same architecture and config."
-            )
-        if loaded is not None:
-            target.load_state_dict(loaded)
-        else:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    # ------------------------------------------------------------------ publishing (see hf_vcreg.publishing)
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save in the library's standard format (timm models: timm's hub format) + preprocessor config + card."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        timm_model = publishing.timm_module(self.model)
-        if timm_model is None:
-            super()._save(output_dir, state_dict)
-        elif self.args.should_save:
-            labels = publishing.label_names(self.model, self.train_dataset)
-            data_config = publishing.timm_data_config(self.processing_class)
-            publishing.save_timm_checkpoint(timm_model, output_dir, state_dict, labels, data_config)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        if not self.args.should_save:
-            return
-        if timm_model is None:
-            publishing.save_image_processor(self.model, self.processing_class, output_dir)
-        self.model_card().save(os.path.join(output_dir, "README.md"))
-        if publishing.pushes_checkpoint(self, output_dir):  # the Trainer copies only config + weights over
-            publishing.stage_published_files(output_dir, self.args.output_dir, ("README.md", "preprocessor_config.json"))
-
-    def model_card(self, **kwargs):
-        """This run's VCReg model card (a ``huggingface_hub.ModelCard``), see ``publishing.model_card_from_trainer``."""
-        return publishing.model_card_from_trainer(self, **{**getattr(self, "_vcreg_card_kwargs", {}), **kwargs})
-
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
-        """Write the VCReg card to ``output_dir/README.md``; the arguments are remembered for later saves."""
-        given = dict(license=license, tags=tags, finetuned_from=finetuned_from, dataset_tags=dataset_tags,
-                     dataset=dataset)
-        self._vcreg_card_kwargs = {**getattr(self, "_vcreg_card_kwargs", {}),
-                                   **{k: v for k, v in given.items() if v is not None}}
-        if self.is_world_process_zero():
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            self.model_card().save(os.path.join(self.args.output_dir, "README.md"))
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        try:
-            super().init_hf_repo(token, private)
-        except publishing.HUB_ERRORS as err:
-            raise publishing.push_error(err, self.args.output_dir, self.args.hub_model_id, creating=True) from err
-
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
-                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
-        """``Trainer.push_to_hub``; a failed upload raises ``publishing.HubPushError`` and a retry resumes it."""
-        try:
-            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
-        except publishing.HUB_ERRORS as err:
-            repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
-            raise publishing.push_error(err, self.args.output_dir, repo_id) from err
-
-    def _finish_current_push(self) -> None:
-        super()._finish_current_push()
-        running = getattr(self, "push_in_progress", None)
-        failed = [job for job in getattr(running, "jobs", None) or [] if job.done() and job.exception() is not None]
-        for job in failed:
-            logger.warning("A checkpoint push to the Hub failed (%s); the next push_to_hub() uploads the whole "
-                           "output_dir again.", job.exception())
-        if failed:
-            running.jobs = [job for job in running.jobs if job not in failed]

@@ -16,12 +16,12 @@ if _TESTS_DIR not in sys.path:  # so that `import hub_server` works whatever pyt
 
 
 # ========================================================================================================
-# Hub test server (tests/hub_server.py) -- fixtures: hub_server, hub_env, hub_run
+# Hub test server (tests/hub_server.py) -- fixtures: hub_server, hub_env
 #
 # huggingface_hub reads HF_ENDPOINT / HF_HUB_DISABLE_XET / HF_HOME / HF_HUB_OFFLINE when it is first
 # IMPORTED, and this test process has usually imported it already (hf_vcreg -> transformers). So run the
-# client code that must talk to the server in a subprocess started with `hub_env` (for example through
-# `hub_run`), never in the test process itself.
+# client code that must talk to the server in a subprocess started with `hub_env` (a script under tests/),
+# never in the test process itself.
 # ========================================================================================================
 
 
@@ -30,16 +30,12 @@ def hub_server(tmp_path):
     """A fresh Hub-compatible server on 127.0.0.1 (random port), storage under ``tmp_path/"hub_storage"``.
 
     Yields a started :class:`hub_server.HubServer`; stopped at teardown. See tests/hub_server.py for its
-    API (``url``, ``fail_next``, ``drop_next``, ``stop``/``start``, ``branch_head``, ``read_file``, ...).
+    API (``url``, ``fail_next``, ``stop``/``start``, ``branch_head``, ``read_file``, ``requests_to``, ...).
     """
     from hub_server import HubServer
 
-    server = HubServer(root=tmp_path / "hub_storage")
-    server.start()
-    try:
+    with HubServer(root=tmp_path / "hub_storage") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -52,20 +48,6 @@ def hub_env(hub_server, tmp_path) -> dict[str, str]:
     edit it.
     """
     return hub_server.client_env(hf_home=tmp_path / "hf_home")
-
-
-@pytest.fixture
-def hub_run(hub_env):
-    """``hub_run(code, timeout=120, check=True, env=None)``: run Python ``code`` in a subprocess with
-    ``hub_env`` (or ``env``) and return the value it passed to ``emit(obj)`` (predefined, JSON round trip).
-    A non-zero exit fails the test with the subprocess's output when ``check`` is true.
-    """
-    from hub_server import run_client
-
-    def _run(code: str, *, timeout: float = 120, check: bool = True, env: dict | None = None):
-        return run_client(code, hub_env if env is None else env, timeout=timeout, check=check)
-
-    return _run
 
 
 # ======================================== end of Hub test server ========================================

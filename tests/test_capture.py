@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from _tiny_models import build, example_input
-from hf_vcreg import BlockCapture, feature_axis, find_blocks, select_layers
-from hf_vcreg.capture import sample_rows
+from hf_vcreg.capture import BlockCapture, feature_axis, find_blocks, sample_rows, select_layers
 
 # name -> (blocks, [(n rows, d features) per block for a batch of 2])
 CAPTURE_TABLE = {

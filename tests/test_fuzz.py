@@ -42,9 +42,9 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from _reference import reference_gradient, sample_matrix
-from hf_vcreg import BlockCapture, VCRegFunction, VCRegSpec, covariance_loss, variance_loss, vcreg_loss
-from hf_vcreg.capture import feature_axis
-from hf_vcreg.penalty import apply_penalty
+from hf_vcreg import covariance_loss, variance_loss, vcreg_loss
+from hf_vcreg.capture import BlockCapture, feature_axis
+from hf_vcreg.penalty import VCRegFunction, VCRegSpec, apply_penalty
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}

@@ -1,17 +1,16 @@
-"""The shipped `evaluate` metric modules: offline loading by path, exact values, clear errors."""
+"""The representation metrics: plain functions and their `evaluate` modules (offline, exact values, clear errors)."""
 
 import socket
+import subprocess
+import sys
 
 import evaluate
 import numpy as np
 import pytest
+import torch
 
+import hf_vcreg
 from hf_vcreg.metrics import METRICS_DIR, available_metrics, load_metric
-
-
-@pytest.fixture
-def accuracy(request):
-    return load_metric("accuracy", experiment_id=request.node.name)
 
 
 @pytest.fixture
@@ -32,13 +31,13 @@ def _no_network(*args, **kwargs):
     raise AssertionError(f"metric loading tried to open a network connection: {args}")
 
 
-def test_shipped_metrics_are_the_three_modules():
-    assert available_metrics() == ["accuracy", "effective_rank", "neural_collapse"]
+def test_shipped_metrics_are_the_two_modules():
+    assert available_metrics() == ["effective_rank", "neural_collapse"]
     for name in available_metrics():
         assert (METRICS_DIR / name / f"{name}.py").is_file()
 
 
-@pytest.mark.parametrize("name", ["accuracy", "effective_rank", "neural_collapse"])
+@pytest.mark.parametrize("name", ["effective_rank", "neural_collapse"])
 def test_evaluate_load_by_path_works_offline_without_network(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket.socket, "connect", _no_network)
@@ -49,26 +48,8 @@ def test_evaluate_load_by_path_works_offline_without_network(name, monkeypatch):
 
 
 def test_load_metric_rejects_unknown_name_listing_shipped_metrics():
-    with pytest.raises(ValueError, match=r"unknown hf_vcreg metric 'f1'.*accuracy"):
+    with pytest.raises(ValueError, match=r"unknown hf_vcreg metric 'f1'.*effective_rank"):
         load_metric("f1")
-
-
-def test_accuracy_counts_matching_predictions(accuracy):
-    assert accuracy.compute(predictions=[0, 1, 2, 0], references=[0, 1, 1, 1]) == {"accuracy": 0.5}
-    assert accuracy.compute(predictions=[0, 1, 2, 0], references=[0, 1, 1, 1], normalize=False) == {"accuracy": 2.0}
-    weighted = accuracy.compute(predictions=[0, 1, 2, 0], references=[0, 1, 1, 1], sample_weight=[3, 1, 1, 1])
-    assert weighted["accuracy"] == pytest.approx(4 / 6, rel=1e-15)
-
-
-def test_accuracy_accepts_numpy_arrays_like_trainer_compute_metrics(accuracy):
-    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
-    result = accuracy.compute(predictions=np.argmax(logits, axis=1), references=np.array([1, 1, 1]))
-    assert result["accuracy"] == pytest.approx(2 / 3, rel=1e-15)
-
-
-def test_accuracy_mismatched_lengths_raise_value_error(accuracy):
-    with pytest.raises(ValueError, match=r"Mismatch in the number of predictions \(3\) and references \(2\)"):
-        accuracy.compute(predictions=[0, 1, 1], references=[0, 1])
 
 
 def test_neural_collapse_is_zero_for_perfectly_collapsed_classes(neural_collapse):
@@ -170,3 +151,33 @@ def test_effective_rank_of_identical_rows_raises_value_error(effective_rank):
 def test_effective_rank_of_a_single_row_raises_value_error(effective_rank):
     with pytest.raises(ValueError, match=r"at least 2 feature vectors.*\(1, 2\)"):
         effective_rank.compute(embeddings=[[1.0, 2.0]])
+
+
+# ------------------------------------------------------------------------------ the plain functions
+def test_plain_functions_equal_the_modules_and_take_torch_tensors(effective_rank, neural_collapse):
+    rng = np.random.default_rng(1)
+    labels = np.repeat([2, 5, 9], [7, 4, 6])
+    h = rng.normal(size=(len(labels), 5)) + 3.0 * rng.normal(size=(3, 5))[np.searchsorted([2, 5, 9], labels)]
+    assert hf_vcreg.effective_rank(h) == effective_rank.compute(embeddings=h.tolist())
+    assert hf_vcreg.neural_collapse(h, labels) == neural_collapse.compute(embeddings=h.tolist(), labels=labels.tolist())
+    tensor = torch.tensor(h, dtype=torch.float64, requires_grad=True)
+    assert hf_vcreg.effective_rank(tensor) == hf_vcreg.effective_rank(h)
+    assert hf_vcreg.neural_collapse(tensor, torch.tensor(labels)) == hf_vcreg.neural_collapse(h, labels)
+
+
+def test_plain_functions_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"2-D \(N, d\) array of feature vectors; got shape \(3,\)"):
+        hf_vcreg.effective_rank([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"embeddings has 2 rows but labels has shape \(3,\)"):
+        hf_vcreg.neural_collapse([[1.0], [2.0]], [0, 1, 1])
+
+
+def test_import_hf_vcreg_adds_neither_evaluate_nor_datasets_to_what_transformers_imports():
+    code = (
+        "import sys; from transformers import Trainer; before = set(sys.modules); import hf_vcreg; "
+        "print(sorted(m.split('.')[0] for m in set(sys.modules) - before if m.split('.')[0] in ('evaluate', 'datasets')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = "import sys, hf_vcreg; print('evaluate' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

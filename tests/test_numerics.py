@@ -25,7 +25,8 @@ from _kill_train import config, dataset, trainer, weights
 from torch import nn
 
 import hf_vcreg.trainer as trainer_module
-from hf_vcreg import VCRegFunction, VCRegSpec, VCRegTrainer, vcreg_loss
+from hf_vcreg import VCRegTrainer, vcreg_loss
+from hf_vcreg.penalty import VCRegFunction, VCRegSpec
 
 GAMMA, EPS = 1.0, 1e-4
 

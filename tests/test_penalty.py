@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from _reference import reference_gradient
-from hf_vcreg import VCRegFunction, VCRegSpec, covariance_loss, covariance_matrix, variance_loss, vcreg_loss
-from hf_vcreg.penalty import explicit_penalty
+from hf_vcreg import covariance_loss, covariance_matrix, variance_loss, vcreg_loss
+from hf_vcreg.penalty import VCRegFunction, VCRegSpec, explicit_penalty
 
 SHAPES = [((37, 5), 1), ((4, 9, 6), 2), ((3, 6, 4, 5), 1), ((2, 4, 3, 7), 3), ((2, 3, 2, 3, 4), 1)]
 

@@ -19,12 +19,11 @@ import safetensors.torch
 import timm
 import torch
 from huggingface_hub import ModelCard
-from hub_server import HubServer, run_client
+from hub_server import HubServer
 
 from hf_vcreg import VCRegConfig, VCRegTrainer, publishing
 
 TESTS = Path(__file__).resolve().parent
-EXAMPLE = TESTS.parent / "examples" / "finetune.py"
 MODELS = ("vit", "convnext", "timm_resnet")
 
 
@@ -125,43 +124,9 @@ def test_pushed_card_metadata_and_content(published):
 
 
 # ------------------------------------------------------------------------------ failures and resume
-_PUSH = """
-import json, os, sys
-sys.path.insert(0, {tests!r})
-from _downstream_pretrain import random_images
-from _tiny_models import hf_vit
-from hf_vcreg import VCRegConfig, VCRegTrainer
-from hf_vcreg.publishing import HubPushError
-from transformers import AutoModelForImageClassification
-args = VCRegConfig(output_dir={out!r}, max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                   remove_unused_columns=False, disable_tqdm=True, hub_model_id="test-user/flaky",
-                   push_to_hub={push_to_hub})
-try:
-    trainer = VCRegTrainer(model=hf_vit(), args=args, train_dataset=random_images(8, 0))
-except HubPushError as err:
-    emit({{"init_error": str(err), "files": sorted(os.listdir({out!r})) if os.path.isdir({out!r}) else []}})
-    raise SystemExit(0)
-trainer.train()
-try:
-    trainer.push_to_hub()
-    error = None
-except HubPushError as err:
-    error = str(err)
-files = sorted(os.listdir({out!r}))
-reloaded = AutoModelForImageClassification.from_pretrained({out!r})
-same = all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), trainer.model.state_dict().values()))
-commit = trainer.push_to_hub()
-emit({{"error": error, "files": files, "same": same, "commit": commit.oid}})
-"""
-
-
-def _push_script(out: Path, push_to_hub: bool = False) -> str:
-    return "import torch\n" + _PUSH.format(tests=str(TESTS), out=str(out), push_to_hub=push_to_hub)
-
-
 def test_refused_push_raises_clear_error_keeps_local_model_and_retry_succeeds(hub_server, hub_env, tmp_path):
     rule = hub_server.fail_next("preupload", status=403)
-    result = run_client(_push_script(tmp_path / "out"), hub_env, timeout=240)
+    result = _script(TESTS / "_flaky_push.py", [str(tmp_path / "out")], hub_env, timeout=240)
     assert rule.hits == 1
     assert "failed" in result["error"] and "test-user/flaky" in result["error"] and "push_to_hub() again" in result["error"]
     assert "403" in result["error"]
@@ -173,7 +138,7 @@ def test_refused_push_raises_clear_error_keeps_local_model_and_retry_succeeds(hu
 
 def test_interrupted_push_resumes_without_resending_uploaded_weights(hub_server, hub_env, tmp_path):
     hub_server.fail_next("commit", status=500)  # weights uploaded (LFS), then the commit fails
-    result = run_client(_push_script(tmp_path / "out"), hub_env, timeout=240)
+    result = _script(TESTS / "_flaky_push.py", [str(tmp_path / "out")], hub_env, timeout=240)
     assert "500" in result["error"] and "push_to_hub() again" in result["error"]
     assert result["same"] is True and hub_server.branch_head("test-user/flaky") == result["commit"]
     uploads = [r for r in hub_server.requests if r.endpoint == "lfs_upload"]
@@ -187,15 +152,9 @@ def test_interrupted_push_resumes_without_resending_uploaded_weights(hub_server,
 def test_server_down_at_start_raises_before_training_and_retry_pushes(hub_server, hub_env, tmp_path):
     hub_server.stop()
     marker = tmp_path / "init_failed"
-    code = _push_script(tmp_path / "out", push_to_hub=True).replace(
-        "    raise SystemExit(0)\n",
-        f"    import pathlib, time; pathlib.Path({str(marker)!r}).write_text(json.dumps({{'error': str(err), "
-        f"'files': sorted(os.listdir({str(tmp_path / 'out')!r})) if os.path.isdir({str(tmp_path / 'out')!r}) else []}}))\n"
-        f"    while pathlib.Path({str(marker)!r}).exists(): time.sleep(0.1)  # the test restarts the server\n"
-        "    trainer = VCRegTrainer(model=hf_vit(), args=args, train_dataset=random_images(8, 0))\n",
-    )
-    proc = subprocess.Popen([sys.executable, "-c", "def emit(o): print('RESULT:' + __import__('json').dumps(o))\n" + code],
-                            env=hub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, str(TESTS / "_flaky_push.py"), str(tmp_path / "out"), "--push-at-init",
+               "--init-failed-file", str(marker)]
+    proc = subprocess.Popen(command, env=hub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(1200):
             if marker.exists() or proc.poll() is not None:
@@ -217,19 +176,11 @@ def test_server_down_at_start_raises_before_training_and_retry_pushes(hub_server
 # ------------------------------------------------------------------------------ examples/finetune.py
 def test_finetune_example_linear_probe_on_published_timm_checkpoint_without_hf_vcreg(published, tmp_path):
     out = tmp_path / "probe"
-    code = f"""
-import runpy, sys
-sys.path.insert(0, {str(TESTS)!r})
-import _downstream_load  # installs the hf_vcreg import blocker
-assert _downstream_load.HF_VCREG_BLOCKED
-sys.argv = ["finetune.py", "--model_name_or_path", "test-user/vcreg-timm_resnet", "--dataset_name", "sklearn-digits",
-            "--output_dir", {str(out)!r}, "--do_train", "--do_eval", "--max_steps", "2", "--linear_probe",
+    args = ["--model_name_or_path", "test-user/vcreg-timm_resnet", "--dataset_name", "sklearn-digits",
+            "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "2", "--linear_probe",
             "--per_device_train_batch_size", "8", "--max_eval_samples", "16", "--report_to", "none", "--use_cpu",
             "--disable_tqdm", "True"]
-runpy.run_path({str(EXAMPLE)!r}, run_name="__main__")
-emit(sorted(m for m in sys.modules if m.startswith("hf_vcreg")))
-"""
-    assert run_client(code, published["env"], timeout=300) == []
+    assert _script(TESTS / "_finetune_blocked.py", args, published["env"], timeout=300) == []
     trained = safetensors.torch.load_file(str(published["work"] / "timm_resnet_trained.safetensors"))
     tuned = safetensors.torch.load_file(str(out / "model.safetensors"))
     tuned = {k.removeprefix("timm_model."): v for k, v in tuned.items()}

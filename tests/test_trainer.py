@@ -14,7 +14,8 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainingArguments
 
 from _tiny_models import build
-from hf_vcreg import BlockCapture, VCRegConfig, VCRegTrainer, find_blocks, vcreg_loss
+from hf_vcreg import VCRegConfig, VCRegTrainer, vcreg_loss
+from hf_vcreg.capture import BlockCapture, find_blocks
 
 N_TRAIN = 16
 

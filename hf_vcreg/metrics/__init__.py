@@ -1,27 +1,30 @@
-"""Evaluation metrics shipped with hf_vcreg as local `evaluate` modules.
+"""Representation metrics: plain functions, and the same as local `evaluate` modules.
 
-Each metric lives in its own folder, ``METRICS_DIR / <name> / <name>.py``, as a standard
-``evaluate.Metric`` script, so it loads by path with no network access:
+The functions (:mod:`~hf_vcreg.metrics.representation`, formulas in their docstrings): ``effective_rank``
+(Roy & Vetterli 2007) and ``neural_collapse`` (NC1 of Papyan et al. 2020, CDNV of Galanti et al. 2022).
 
-    >>> import evaluate
-    >>> from hf_vcreg.metrics import METRICS_DIR, load_metric
-    >>> accuracy = load_metric("accuracy")  # == evaluate.load(str(METRICS_DIR / "accuracy"))
-    >>> accuracy.compute(predictions=[0, 1, 1], references=[0, 1, 0])["accuracy"]
-    0.666...
+The `evaluate` modules call them. Each lives in its own folder, ``METRICS_DIR / <name> / <name>.py``, as a
+standard ``evaluate.Metric`` script, so it loads by path with no network access:
 
-Metrics: ``accuracy`` (fraction of predictions equal to the references), ``neural_collapse``
-(NC1 of Papyan et al. 2020 and the CDNV of Galanti et al. 2022, from feature vectors and labels),
-``effective_rank`` (Roy & Vetterli 2007, from feature vectors). Formulas are in each script.
+    >>> from hf_vcreg.metrics import load_metric
+    >>> rank = load_metric("effective_rank")  # == evaluate.load(str(METRICS_DIR / "effective_rank"))
+    >>> rank.compute(embeddings=[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])["effective_rank"]
+    2.0
 
-This module imports nothing else from hf_vcreg: the metric scripts are self-contained.
+``evaluate`` is imported by :func:`load_metric` only, not by ``import hf_vcreg``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import evaluate
+from .representation import effective_rank, neural_collapse
+
+if TYPE_CHECKING:
+    import evaluate
+
+__all__ = ["METRICS_DIR", "available_metrics", "effective_rank", "load_metric", "neural_collapse"]
 
 METRICS_DIR: Path = Path(__file__).resolve().parent
 """Folder that holds one sub-folder per metric module."""
@@ -39,6 +42,8 @@ def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
     Raises ValueError, listing the shipped metrics, if ``name`` is not one of them (instead of
     letting `evaluate.load` fall back to the Hub).
     """
+    import evaluate
+
     names = available_metrics()
     if name not in names:
         raise ValueError(f"unknown hf_vcreg metric {name!r}; shipped metrics: {names}")
