@@ -73,7 +73,7 @@ def check_equal_batch_counts(loader, split: str, device: torch.device) -> None:
 
 
 def kept_copies(gather: Callable[[torch.Tensor], torch.Tensor], copies: int, device: torch.device) -> torch.Tensor:
-    """How many of this rank's ``copies`` rows ``gather`` (the Trainer's ``gather_for_metrics``) keeps: a 0-d tensor.
+    """How many of this rank's ``copies`` rows ``gather`` (accelerate's ``gather_for_metrics``) keeps: a 0-d tensor.
 
     The Trainer weights each evaluation batch's loss by exactly that number (``copies`` = ``eval_batch_size``):
     all of them, except in the last batch, where the rows of the samples that completed it are dropped. Found by

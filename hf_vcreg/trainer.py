@@ -221,7 +221,8 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         if mode == "train":
             metrics["_weight"].append(1.0 / getattr(self, "current_gradient_accumulation_steps", 1))
         else:
-            metrics["_weight"].append(kept_copies(self.gather_function, self.args.eval_batch_size, task_loss.device))
+            gather = self.accelerator.gather_for_metrics  # what the Trainer's eval_loss gather does (as tensors)
+            metrics["_weight"].append(kept_copies(gather, self.args.eval_batch_size, task_loss.device))
         if records:
             metrics["_forwards"].append(
                 (
@@ -297,13 +298,14 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
             weights = torch.tensor(weight_list, dtype=torch.float64, device=device)
         task = torch.stack([t.float().to(device) for t in buffered["task_loss"]])
         values = {"task_loss": [(task, weights)], **self._forward_means(buffered["_forwards"], weights)}
+        keys = self._vcreg_metric_keys()
         sums = {}
-        for key, parts in values.items():
+        for key, parts in ((k, values[k]) for k in keys if k in values):
             x = torch.cat([v.double().to(device) for v, _ in parts])
             w = torch.cat([w.to(device) for _, w in parts])
             sums[key] = (torch.dot(x, w), w.sum())
         buffered.clear()
-        means = weighted_means(sums, self._vcreg_metric_keys(), self.accelerator.device, metrics_group())
+        means = weighted_means(sums, keys, self.accelerator.device, metrics_group())
         metrics = {}
         for key, value in means.items():
             if key.startswith("_valid/"):
