@@ -176,10 +176,8 @@ def _resume_scenario(name, state_dict_type, **extra):
                           n_train=8, steps=extra.pop("steps", 6), **extra)
 
 
-# The sharded (DCP) variant is slow-suite only: about 70 s of 2-process runs.
-@pytest.mark.parametrize(
-    "state_dict_type", ["FULL_STATE_DICT", pytest.param("SHARDED_STATE_DICT", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # 2 launches, about 60-80 s each variant
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
 def test_fsdp_resume_matches_uninterrupted_run_and_mismatched_checkpoints_are_refused(tmp_path, state_dict_type):
     """Launch 1: the uninterrupted run, one stopped after checkpoint-3, and a 3-block model's checkpoint. Launch 2:
     resume from checkpoint-3 with another initialisation; a 3-block model from it (missing keys); a 2-block model
