@@ -254,7 +254,11 @@ class BlockCapture:
 
     ``transform(layer, tensor) -> tensor`` may return the tensor unchanged (explicit-loss mode records it) or
     a new tensor (the identity-forward autograd function of the gradient mode). Outside :meth:`active` the
-    hooks do nothing, so plain ``model(x)`` calls are unaffected.
+    hooks do nothing, so plain ``model(x)`` calls are unaffected, with one exception: a forward that runs inside
+    a backward pass is the recomputation of a non-reentrant activation checkpoint that encloses the hooked module
+    (timm's ``set_grad_checkpointing``, accelerate's FSDP ``activation_checkpointing``). It must save the same
+    tensors as the original forward did, so the hook applies ``transform`` again, with :attr:`replaying` set (the
+    caller keeps nothing from it: the original forward's graph is the one the backward uses).
     """
 
     model: nn.Module
@@ -263,6 +267,7 @@ class BlockCapture:
     layers: list[CapturedLayer] = field(init=False)
     _handles: list = field(init=False, default_factory=list)
     _active: bool = field(init=False, default=False)
+    replaying: bool = field(init=False, default=False)
 
     def __post_init__(self):
         modules = dict(unwrap_model(self.model).named_modules())
@@ -285,14 +290,20 @@ class BlockCapture:
 
     def _make_hook(self, layer: CapturedLayer):
         def hook(module, args, output):
-            if not self._active:
+            # -1: no backward is running here (torch._C._current_graph_task_id, as DeepSpeed's ZeRO-3 uses it)
+            replay = not self._active and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
+            if not (self._active or replay):
                 return None
             tensor, put = _split_output(output)
             if tensor is None or not tensor.is_floating_point():
                 return None
             if layer.axis is None:
                 layer.axis = feature_axis(module, tensor)
-            return put(self.transform(layer, tensor))
+            self.replaying = replay
+            try:
+                return put(self.transform(layer, tensor))
+            finally:
+                self.replaying = False
 
         return hook
 

@@ -19,9 +19,11 @@ What it changes against the plain ``Trainer``:
 * **Resume from complete checkpoints only.** ``train(resume_from_checkpoint=True)`` takes
   :func:`last_complete_checkpoint`; an explicit path whose ``trainer_state.json`` is missing or truncated is refused
   with the newest complete one named. Staging folders left by a killed process are deleted when training starts.
-* **Strict loads.** A ``PreTrainedModel`` checkpoint is loaded through ``from_pretrained``, which maps saved key
-  names to the live ones, and any missing or unexpected key raises: the Trainer's plain ``load_state_dict``
-  silently misses renamed keys in transformers 5.x (transformers#43701).
+* **Strict loads.** Any missing or unexpected key raises before a weight is loaded. A ``PreTrainedModel`` checkpoint
+  is loaded through ``from_pretrained``, which maps saved key names to the live ones (the Trainer's plain
+  ``load_state_dict`` silently misses renamed keys in transformers 5.x, transformers#43701); a bare model's saved
+  state dict is compared with its own; under FSDP the engine checkpoint's keys (full or sharded) are compared on
+  rank 0 and the verdict broadcast, so every rank raises.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ import os
 import re
 import shutil
 
+import safetensors.torch
+import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.trainer import FSDP_MODEL_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .capture import unwrap_model
@@ -85,6 +91,32 @@ def _fsync_tree(path: str) -> None:
     for root, _, files in os.walk(path):
         for name in [*files, "."]:
             _fsync(os.path.join(root, name))
+
+
+def _fsdp_checkpoint_mismatch(checkpoint: str, model: nn.Module) -> tuple[list[str], list[str]]:
+    """``(missing, unexpected)`` keys of an FSDP checkpoint against ``model``; rank 0 reads, every rank gets them.
+
+    Without this, the FSDP loader (``torch.distributed.checkpoint.set_model_state_dict``) raises an opaque
+    ``KeyError`` for unexpected keys of a full state dict, and ignores them in a sharded (DCP) one.
+    """
+    mismatch = [[], []]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        full = os.path.join(checkpoint, f"{FSDP_MODEL_NAME}.bin")
+        sharded = os.path.join(checkpoint, f"{FSDP_MODEL_NAME}_0")
+        if os.path.isfile(full):
+            saved = set(torch.load(full, map_location="cpu", mmap=True, weights_only=True))
+        elif os.path.isdir(sharded):  # accelerate saves {"model": state_dict}: DCP keys are "model.<name>"
+            from torch.distributed.checkpoint import FileSystemReader
+
+            saved = {k.removeprefix("model.") for k in FileSystemReader(sharded).read_metadata().state_dict_metadata}
+        else:
+            saved = None  # not an FSDP checkpoint: the Trainer's loader says so
+        if saved is not None:
+            expected = set(model.state_dict())
+            mismatch = [sorted(expected - saved), sorted(saved - expected)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(mismatch, src=0)
+    return mismatch[0], mismatch[1]
 
 
 class AtomicCheckpointMixin:
@@ -175,16 +207,35 @@ class AtomicCheckpointMixin:
             )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Load through ``from_pretrained`` (which maps saved key names to the live ones), strictly."""
+        """Load strictly: a checkpoint whose keys do not match the model raises (the Trainer's loader only warns).
+
+        transformers models load through ``from_pretrained`` (which maps saved key names to the live ones); under
+        FSDP the engine's checkpoint keys are compared first (rank 0 reads them, every rank raises), then the
+        Trainer's FSDP loader runs.
+        """
         target = unwrap_model(model if model is not None else self.model)
         weights = os.path.join(resume_from_checkpoint, "model.safetensors")
-        if isinstance(target, PreTrainedModel) and os.path.isfile(weights) and not self.is_fsdp_enabled:
-            loaded = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
-            missing, unexpected = target.load_state_dict(loaded.state_dict(), strict=False)
-            if missing or unexpected:
-                raise RuntimeError(
-                    f"Checkpoint {resume_from_checkpoint} does not match the model: missing keys {missing[:10]}, "
-                    f"unexpected keys {unexpected[:10]}. Resume with the same architecture and config."
-                )
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = None
+        if self.is_fsdp_enabled:
+            missing, unexpected = _fsdp_checkpoint_mismatch(resume_from_checkpoint, target)
+        elif isinstance(target, PreTrainedModel) and os.path.isfile(weights):
+            loaded, info = type(target).from_pretrained(
+                resume_from_checkpoint, config=target.config, output_loading_info=True
+            )
+            missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+            loaded = loaded.state_dict()
+        elif os.path.isfile(weights):  # a bare model (timm, nn.Module): its state dict as saved
+            loaded = safetensors.torch.load_file(weights)
+            expected = target.state_dict().keys()
+            missing, unexpected = sorted(expected - loaded.keys()), sorted(loaded.keys() - expected)
+        else:
+            missing = unexpected = []
+        if missing or unexpected:
+            raise RuntimeError(
+                f"Checkpoint {resume_from_checkpoint} does not match the model: missing keys {missing[:10]}, "
+                f"unexpected keys {unexpected[:10]}. Resume with the same architecture and config."
+            )
+        if loaded is not None:
+            target.load_state_dict(loaded)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -128,7 +128,9 @@ def timm_module(model: nn.Module) -> nn.Module | None:
     base = unwrap_model(model)
     if isinstance(base, PreTrainedModel):
         base = getattr(base, "timm_model", None)
-    is_timm = base is not None and type(base).__module__.startswith("timm.") and hasattr(base, "pretrained_cfg")
+    # the MRO, not the class: FSDP2 swaps in a subclass ``FSDP<Name>`` defined in torch's module
+    timm_class = base is not None and any(c.__module__.startswith("timm.") for c in type(base).__mro__)
+    is_timm = timm_class and hasattr(base, "pretrained_cfg")
     return base if is_timm else None
 
 

@@ -27,13 +27,16 @@ Private ``Trainer`` methods overridden (what to check on a transformers upgrade)
 * :mod:`~hf_vcreg.checkpointing`, ``_save_checkpoint``: wraps the Trainer's save with staging, fsync and rename;
 * ``_get_output_dir``: points the Trainer's checkpoint folder at the staging folder while it saves;
 * ``_push_from_checkpoint``: defers a checkpoint's Hub push until the folder has its final name;
-* ``_load_from_checkpoint``: loads through ``from_pretrained``, strictly (transformers#43701);
+* ``_load_from_checkpoint``: strict (missing / unexpected keys raise), through ``from_pretrained`` for
+  transformers models (transformers#43701), with a key check before the FSDP loader;
 * :mod:`~hf_vcreg.publishing`, ``_save``: every save (checkpoints too) in timm's format for timm models, with the
   preprocessor config and the VCReg card;
 * ``_finish_current_push``: a failed background checkpoint push is logged and dropped instead of lost.
 
 Private attributes read or set: ``_tag_names``, ``_signature_columns``, ``push_in_progress``,
-``model_accepts_loss_kwargs``, ``loss_is_scaled_for_ga`` and ``is_fsdp_enabled``.
+``model_accepts_loss_kwargs``, ``loss_is_scaled_for_ga`` and ``is_fsdp_enabled``; for the logged means (weighted as
+the Trainer weighs ``loss`` / ``eval_loss``, :mod:`~hf_vcreg.distributed`), ``current_gradient_accumulation_steps``
+and ``gather_function``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from transformers import PreTrainedModel, Trainer
 from .capture import BlockCapture, CapturedLayer, sample_rows, select_layers, unwrap_model
 from .checkpointing import AtomicCheckpointMixin, last_complete_checkpoint
 from .config import VCRegConfig
+from .distributed import check_equal_batch_counts, kept_copies, metrics_group, resolve_group, weighted_means
 from .family import model_family
 from .penalty import VCRegSpec, apply_penalty, release_scratch
 from .publishing import HubPublishingMixin
@@ -181,14 +185,7 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
     # ------------------------------------------------------------------ set-up checks
     @staticmethod
     def _resolve_group(args: VCRegConfig):
-        if not args.vcreg_distributed_stats:
-            return None
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
-                "vcreg_distributed_stats=True needs a torch.distributed process group, and none is initialised. "
-                "Launch with torchrun / accelerate launch, or set vcreg_distributed_stats=False."
-            )
-        return dist.group.WORLD
+        return resolve_group(args.vcreg_distributed_stats)
 
     @staticmethod
     def _check_gradient_checkpointing(args: VCRegConfig) -> None:
@@ -217,15 +214,17 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         n_rows = x.numel() // x.shape[layer.axis] if x.shape[layer.axis] else 0
         rows = sample_rows(n_rows, self.args.vcreg_max_rows, self._row_seed(layer.index), x.device)
         if monitor:  # the explicit statistics (alpha = beta = 0 in the spec) on a detached input: no graph, x untouched
-            with torch.no_grad():
-                _, penalty, v, k, valid = apply_penalty(x.detach(), layer.axis, rows, self._vcreg_spec,
-                                                        self._vcreg_group, "loss")
-            self._vcreg_records.append((layer, penalty, v, k, valid))
+            if not self._vcreg_capture.replaying:  # a checkpoint's recomputation: the first forward was recorded
+                with torch.no_grad():
+                    _, penalty, v, k, valid = apply_penalty(x.detach(), layer.axis, rows, self._vcreg_spec,
+                                                            self._vcreg_group, "loss")
+                self._vcreg_records.append((layer, penalty, v, k, valid))
             return x
         out, penalty, v, k, valid = apply_penalty(
             x, layer.axis, rows, self._vcreg_spec, self._vcreg_group, self.args.vcreg_implementation
         )
-        self._vcreg_records.append((layer, penalty, v, k, valid))
+        if not self._vcreg_capture.replaying:  # a checkpoint's recomputation: the first forward was recorded
+            self._vcreg_records.append((layer, penalty, v, k, valid))
         return out
 
     def _task_loss(self, model, inputs):
@@ -246,7 +245,7 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         capture = self._vcreg_capture
         if capture is None:
             loss, outputs = self._task_loss(model, inputs)
-            self._vcreg_metrics[mode]["task_loss"].append(loss.detach())
+            self._record_metrics(mode, loss, None, [])
             return (loss, outputs) if return_outputs else loss
         step = self.state.global_step
         last_step, last_micro = self._vcreg_last_micro[mode]
@@ -271,71 +270,106 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
 
     # ------------------------------------------------------------------ logging
     def _record_metrics(self, mode, task_loss, penalty, records) -> None:
-        """Buffers one forward's values: the layer names and three small tensors, no arithmetic.
+        """Buffers one forward's values: its weight, the layer names and three small tensors, no arithmetic.
 
-        The means are computed for all buffered forwards at once when they are logged (:meth:`_pop_vcreg_metrics`):
-        between a model's blocks every small tensor operation costs 10-25 us, so a training step does two stacks here
-        instead of ~20 + 2 per layer operations.
+        The weight is the one the Trainer gives this forward's loss in the logged ``loss`` (``1 / g``, ``g`` the
+        micro-batches of the optimizer step) or ``eval_loss`` (the copies ``gather_for_metrics`` keeps), see
+        :mod:`hf_vcreg.distributed`. The means are computed for all buffered forwards at once when they are logged
+        (:meth:`_pop_vcreg_metrics`): small tensor operations between a model's blocks are costly (see
+        benchmarks/PERFORMANCE.md, row 13).
         """
         metrics = self._vcreg_metrics[mode]
         metrics["task_loss"].append(task_loss.detach())
-        metrics["_forwards"].append(
-            (
-                tuple(r[0].name for r in records),
-                penalty.detach(),
-                torch.stack([r[2] for r in records] + [r[3] for r in records]),  # V per layer, then K per layer
-                torch.stack([r[4] for r in records]),
+        if mode == "train":
+            metrics["_weight"].append(1.0 / getattr(self, "current_gradient_accumulation_steps", 1))
+        else:
+            gather = self.accelerator.gather_for_metrics  # what the Trainer's eval_loss gather does (as tensors)
+            metrics["_weight"].append(kept_copies(gather, self.args.eval_batch_size, task_loss.device))
+        if records:
+            metrics["_forwards"].append(
+                (
+                    tuple(r[0].name for r in records),
+                    penalty.detach(),
+                    torch.stack([r[2] for r in records] + [r[3] for r in records]),  # V per layer, then K per layer
+                    torch.stack([r[4] for r in records]),
+                )
             )
-        )
 
     @staticmethod
-    def _forward_means(forwards) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
-        """Per-forward values ``{key: [(forwards,) tensors]}`` and per-layer ones ``{name: [(forwards,) tensors]}``.
+    def _forward_means(forwards, weights: torch.Tensor) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """``{key: [(values, weights)]}``: per-forward values of every ``vcreg/*`` key with the forwards' weights.
 
         Forwards are grouped by the layers that ran (the same every step, unless a model skips blocks), and each
         group is reduced with a few batched operations. Per forward: ``vcreg/variance`` / ``vcreg/covariance`` are
-        the means over the layers whose statistics were valid, ``vcreg/skipped_layers`` counts the others.
+        the means over the layers whose statistics were valid, ``vcreg/skipped_layers`` counts the others; the
+        per-layer keys (``vcreg/variance/<layer>``, ``_valid/<layer>``) cover the forwards where that layer ran.
         """
-        per_forward: dict[str, list[torch.Tensor]] = defaultdict(list)
-        per_layer: dict[str, list[torch.Tensor]] = defaultdict(list)
-        groups: dict[tuple[str, ...], list] = defaultdict(list)
-        for names, penalty, vk, ok in forwards:
-            groups[names].append((penalty, vk, ok))
-        for names, group in groups.items():
+        values: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for i, (names, *_) in enumerate(forwards):
+            groups[names].append(i)
+        for names, index in groups.items():
+            group = [forwards[i] for i in index]
             layers = len(names)
-            device = group[0][1].device
-            penalty = torch.stack([g[0].float().to(device) for g in group])
-            vk = torch.stack([g[1].float().to(device) for g in group])  # (forwards, 2 * layers)
-            ok = torch.stack([g[2].to(device) for g in group])  # (forwards, layers) bool
+            device = group[0][2].device
+            w = weights[index].to(device) if len(index) < len(forwards) else weights.to(device)
+            penalty = torch.stack([g[1].float().to(device) for g in group])
+            vk = torch.stack([g[2].float().to(device) for g in group])  # (forwards, 2 * layers)
+            ok = torch.stack([g[3].to(device) for g in group])  # (forwards, layers) bool
             valid = ok.float()
             n_valid = valid.sum(dim=1)
             terms = vk.nan_to_num().view(len(group), 2, layers) * valid.unsqueeze(1)
             means = terms.sum(dim=2) / n_valid.clamp(min=1).unsqueeze(1)
-            per_forward["vcreg/penalty"].append(penalty)
-            per_forward["vcreg/variance"].append(means[:, 0])
-            per_forward["vcreg/covariance"].append(means[:, 1])
-            per_forward["vcreg/skipped_layers"].append(layers - n_valid)
+            values["vcreg/penalty"].append((penalty, w))
+            values["vcreg/variance"].append((means[:, 0], w))
+            values["vcreg/covariance"].append((means[:, 1], w))
+            values["vcreg/skipped_layers"].append((layers - n_valid, w))
             for i, name in enumerate(names):
-                per_layer[f"_valid/{name}"].append(valid[:, i])
-                per_layer[f"vcreg/variance/{name}"].append(terms[:, 0, i])
-                per_layer[f"vcreg/covariance/{name}"].append(terms[:, 1, i])
-        return per_forward, per_layer
+                values[f"_valid/{name}"].append((valid[:, i], w))
+                values[f"vcreg/variance/{name}"].append((terms[:, 0, i], w))
+                values[f"vcreg/covariance/{name}"].append((terms[:, 1, i], w))
+        return values
+
+    def _vcreg_metric_keys(self) -> list[str]:
+        """Every key :meth:`_pop_vcreg_metrics` may log (``_valid/*``: internal), in one order on every rank."""
+        keys = ["task_loss"]
+        if self._vcreg_capture is not None:
+            keys += ["vcreg/penalty", "vcreg/variance", "vcreg/covariance", "vcreg/skipped_layers"]
+            for name in self.vcreg_layer_names:
+                keys.append(f"_valid/{name}")
+                if self.args.vcreg_log_per_layer:
+                    keys += [f"vcreg/variance/{name}", f"vcreg/covariance/{name}"]
+        return keys
 
     def _pop_vcreg_metrics(self, mode: str) -> dict[str, float]:
-        """Means of the values recorded since the last call; warns once per layer that was skipped."""
+        """Means over all processes of the values recorded since the last call; warns once per skipped layer.
+
+        Each forward counts with the weight the Trainer gives its loss (:meth:`_record_metrics`), so every logged
+        line has ``loss == task_loss + vcreg/penalty``. With several processes this is collective (one all-reduce),
+        like the Trainer's gather of ``loss`` before it logs: every rank logs at the same steps.
+        """
         buffered = self._vcreg_metrics[mode]
-        values: dict[str, list[torch.Tensor]] = {}
-        if buffered["task_loss"]:
-            device = buffered["task_loss"][0].device
-            values["task_loss"] = [torch.stack([t.float().to(device) for t in buffered["task_loss"]])]
-        per_forward, per_layer = self._forward_means(buffered["_forwards"])
-        values.update(per_forward)
-        for key, parts in per_layer.items():
-            if key.startswith("_valid/") or self.args.vcreg_log_per_layer:
-                values[key] = parts
+        if not buffered["task_loss"]:
+            buffered.clear()
+            return {}
+        device = buffered["task_loss"][0].device
+        weight_list = buffered["_weight"]
+        if isinstance(weight_list[0], torch.Tensor):
+            weights = torch.stack([w.to(device) for w in weight_list]).double()
+        else:
+            weights = torch.tensor(weight_list, dtype=torch.float64, device=device)
+        task = torch.stack([t.float().to(device) for t in buffered["task_loss"]])
+        values = {"task_loss": [(task, weights)], **self._forward_means(buffered["_forwards"], weights)}
+        keys = self._vcreg_metric_keys()
+        sums = {}
+        for key, parts in ((k, values[k]) for k in keys if k in values):
+            x = torch.cat([v.double().to(device) for v, _ in parts])
+            w = torch.cat([w.to(device) for _, w in parts])
+            sums[key] = (torch.dot(x, w), w.sum())
+        buffered.clear()
+        means = weighted_means(sums, keys, self.accelerator.device, metrics_group())
         metrics = {}
-        for key, parts in values.items():
-            value = torch.cat([p.to(parts[0].device) for p in parts]).mean().item()
+        for key, value in means.items():
             if key.startswith("_valid/"):
                 name = key[len("_valid/") :]
                 if value < 1 and name not in self._vcreg_warned:
@@ -349,7 +383,6 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
                     )
                 continue
             metrics[key] = value
-        buffered.clear()
         if self.args.vcreg_monitor_only:  # no penalty was applied: loss == task_loss
             metrics.pop("vcreg/penalty", None)
         return metrics
@@ -417,29 +450,8 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         return loader
 
     def _check_equal_batch_counts(self, loader, split: str) -> None:
-        """Raise, on every rank, when ranks would run different numbers of forward passes.
-
-        Every forward of a regularised model runs collectives (the global statistics, DDP's gradient all-reduce,
-        the evaluation gather): a rank with an extra batch would wait for the others forever. accelerate's
-        ``even_batches=False`` without ``dataloader_drop_last`` produces exactly that when the number of batches
-        is not a multiple of the world size.
-        """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return
-        try:
-            n = len(loader)
-        except TypeError:  # an iterable dataset without a length: nothing to compare
-            n = -1
-        counts = torch.tensor([n, -n], dtype=torch.float64, device=self.accelerator.device)
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        most, fewest = int(counts[0]), -int(counts[1])
-        if fewest >= 0 and most != fewest:
-            raise ValueError(
-                f"The {split} dataloader gives the {dist.get_world_size()} ranks different numbers of batches "
-                f"({fewest} to {most}; this rank: {n}): the rank with more batches would wait forever in the "
-                "collectives of its extra forward pass. Keep accelerator_config={'even_batches': True} (the default: "
-                "the last batch is completed with samples from the start) or set dataloader_drop_last=True."
-            )
+        """Raise, on every rank, when ranks would run different numbers of forward passes (see ``distributed``)."""
+        check_equal_batch_counts(loader, split, self.accelerator.device)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None and self._bare_model:

@@ -41,12 +41,13 @@ class TinyCNN(nn.Module):
     ``embed`` is a pooled ``(B, width)`` layer (``B`` rows), the layer that runs out of rows first.
     """
 
-    def __init__(self, channels: int = 6, width: int = 8, image_channels: int = 3, num_labels: int = NUM_LABELS):
+    def __init__(self, channels: int = 6, width: int = 8, image_channels: int = 3, num_labels: int = NUM_LABELS,
+                 depth: int = 2):
         super().__init__()
         self.stem = nn.Conv2d(image_channels, channels, 3, padding=1)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, channels, 1))
-            for _ in range(2)
+            for _ in range(depth)
         )
         self.embed = nn.Sequential(nn.Linear(channels, width), nn.GELU(), nn.Linear(width, width))
         self.head = nn.Linear(width, num_labels)
@@ -58,11 +59,16 @@ class TinyCNN(nn.Module):
         return self.head(self.embed(x.mean(dim=(2, 3))))
 
 
-def build_model(kind: str, image_size: int = 8, seed: int = MODEL_SEED, **cnn_kwargs) -> nn.Module:
-    """The same randomly initialised model on every rank and in the reference (seeded here)."""
+def build_model(kind: str, image_size: int = 8, seed: int = MODEL_SEED, depth: int = 2, **cnn_kwargs) -> nn.Module:
+    """The same randomly initialised model on every rank and in the reference (seeded here); ``depth`` blocks."""
     torch.manual_seed(seed)
     if kind == "cnn":
-        return TinyCNN(**cnn_kwargs)
+        return TinyCNN(depth=depth, **cnn_kwargs)
+    if kind == "timm_vit":  # saved in timm's format, loaded with timm.create_model("local-dir:...")
+        import timm
+
+        return timm.create_model("vit_tiny_patch16_224", img_size=image_size, patch_size=4, depth=depth, embed_dim=8,
+                                 num_heads=2, mlp_ratio=2.0, num_classes=NUM_LABELS)
     if kind == "vit":
         from transformers import ViTConfig, ViTForImageClassification
 
@@ -71,7 +77,7 @@ def build_model(kind: str, image_size: int = 8, seed: int = MODEL_SEED, **cnn_kw
             patch_size=4,
             num_channels=3,
             hidden_size=8,
-            num_hidden_layers=2,
+            num_hidden_layers=depth,
             num_attention_heads=2,
             intermediate_size=16,
             hidden_dropout_prob=0.0,
@@ -79,7 +85,7 @@ def build_model(kind: str, image_size: int = 8, seed: int = MODEL_SEED, **cnn_kw
             num_labels=NUM_LABELS,
         )
         return ViTForImageClassification(config)
-    raise ValueError(f"unknown model kind {kind!r}: use 'vit' or 'cnn'")
+    raise ValueError(f"unknown model kind {kind!r}: use 'vit', 'timm_vit' or 'cnn'")
 
 
 def make_dataset(n: int, image_size: int = 8, seed: int = DATA_SEED):
@@ -145,6 +151,13 @@ def recording_trainer_class():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.seen: list[dict] = []
+            self.local: list[dict] = []  # this rank's own values of every forward, before any averaging
+
+        def _record_metrics(self, mode, task_loss, penalty, records):
+            self.local.append({"mode": mode, "step": self.state.global_step, "task_loss": task_loss.item(),
+                               "penalty": None if penalty is None else penalty.item(),
+                               "layers": {r[0].name: (r[2].item(), r[3].item(), bool(r[4])) for r in records}})
+            super()._record_metrics(mode, task_loss, penalty, records)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.seen.append(
@@ -195,8 +208,10 @@ def run_scenario(scenario: dict, out_dir: str, rank: int) -> dict:
     ``resume`` (passed to ``train(resume_from_checkpoint=...)``).
     """
     result: dict = {"name": scenario["name"], "rank": rank, "error": None}
+    # accelerate turns FSDP on for the rest of the process once a plugin was given (it sets this variable)
+    os.environ.pop("ACCELERATE_USE_FSDP", None)
     Trainer = recording_trainer_class()
-    model = build_model(scenario["model"], seed=scenario.get("model_seed", MODEL_SEED))
+    model = build_model(scenario["model"], seed=scenario.get("model_seed", MODEL_SEED), depth=scenario.get("depth", 2))
     train = make_dataset(scenario["n_train"])
     evalset = make_dataset(scenario["n_eval"], seed=DATA_SEED + 1) if scenario.get("n_eval") else None
     callbacks = []
@@ -216,18 +231,47 @@ def run_scenario(scenario: dict, out_dir: str, rank: int) -> dict:
             if evalset is not None:
                 result["eval_metrics"] = trainer.evaluate()
                 result["hooks_after_eval"] = count_forward_hooks(model)
+            if scenario.get("save_final"):
+                result["saved_to"] = os.path.join(output_dir, "final")
+                trainer.save_model(result["saved_to"])
         except Exception as err:  # recorded for the test to assert on; the other scenarios still run
             result["error"] = f"{type(err).__name__}: {err}"
             result["traceback"] = traceback.format_exc()
     result["counts"] = counts.calls
     if trainer is not None:
         result["seen"] = trainer.seen
+        result["local"] = trainer.local
         result["log_history"] = trainer.state.log_history
         result["global_step"] = trainer.state.global_step
         result["output_dir"] = trainer.args.output_dir
         result["records_after"] = len(trainer._vcreg_records)
-    result["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result["engine"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    result["sharded_params"] = sharded_parameters(model)
+    result["state_dict"] = full_state_dict(model)
     return result
+
+
+def sharded_parameters(model: nn.Module) -> int:
+    """How many parameters this rank holds only a part of (FSDP2's DTensor shards, ZeRO-3's partitions)."""
+    count = 0
+    for p in model.parameters():
+        if hasattr(p, "to_local"):
+            count += p.to_local().numel() < p.numel()
+        elif hasattr(p, "ds_tensor"):
+            count += p.ds_tensor.numel() < p.ds_numel
+    return count
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank's copy of the whole state dict: FSDP2's DTensors gathered (``full_tensor``), ZeRO-3's partitioned
+    parameters gathered (``GatheredParameters``); a collective on every rank under those engines."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
 
 
 def rss_bytes() -> int:
@@ -310,6 +354,9 @@ def run_load(scenario: dict, out_dir: str, rank: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    import _cpu_engines
+
+    _cpu_engines.enable()  # FSDP / DeepSpeed scenarios: accelerate's real engine code on CPU (see _cpu_engines)
     scenarios_path, out_dir = argv[1], argv[2]
     with open(scenarios_path) as f:
         scenarios = json.load(f)

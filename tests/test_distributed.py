@@ -57,42 +57,53 @@ TOL = 1e-6  # float32, two SGD steps at lr 0.5: measured differences are <= 1e-7
 
 
 # ---------------------------------------------------------------------------------------------- launching
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch(scenarios: list[dict], out_dir: Path, timeout: float) -> dict[str, list[dict]]:
-    """Run the scenarios on 2 processes; return ``{name: [rank0 result, rank1 result]}``.
+def run_launcher(cmd: list[str], log: Path, timeout: float) -> None:
+    """Run a multi-process launcher (``torch.distributed.run``, ``accelerate launch``) with its output in ``log``.
 
-    Fails the test (never hangs) when the launch exceeds ``timeout`` seconds or exits non-zero.
+    Fails the test (never hangs) when it exceeds ``timeout`` seconds or exits non-zero.
     """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # torchrun starts every worker in a session of its own: kill them by id, then the launcher's group.
+            import psutil
+
+            workers = psutil.Process(proc.pid).children(recursive=True)
+            for p in workers:
+                p.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            psutil.wait_procs(workers, timeout=30)
+            pytest.fail(f"2-process run exceeded {timeout:.0f} s (deadlock?); log tail:\n{log.read_text()[-4000:]}")
+    if rc != 0:
+        pytest.fail(f"2-process run exited with {rc}; log tail:\n{log.read_text()[-4000:]}")
+
+
+def launch(scenarios: list[dict], out_dir: Path, timeout: float) -> dict[str, list[dict]]:
+    """Run the scenarios on 2 processes; return ``{name: [rank0 result, rank1 result]}`` (see :func:`run_launcher`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scenarios.json").write_text(json.dumps(scenarios))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={WORLD}",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(WORKER),
         str(out_dir / "scenarios.json"),
         str(out_dir),
     ]
-    log = out_dir / "launch.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: the group this call started
-            proc.wait()
-            pytest.fail(f"2-process run exceeded {timeout:.0f} s (deadlock?); log tail:\n{log.read_text()[-4000:]}")
-    if rc != 0:
-        pytest.fail(f"2-process run exited with {rc}; log tail:\n{log.read_text()[-4000:]}")
+    run_launcher(cmd, out_dir / "launch.log", timeout)
     return {
         s["name"]: [torch.load(out_dir / f"{s['name']}.rank{r}.pt", weights_only=False) for r in range(WORLD)]
         for s in scenarios
@@ -122,6 +133,7 @@ SCENARIOS = [
     # 5 samples, even_batches=False: rank 0 gets 2 batches, rank 1 one. Must be an error, not a deadlock.
     _scenario("unequal_batch_counts", "cnn", n_train=5, steps=None, even_batches=False),
     _scenario("eval_global", "vit", n_eval=7, train=False),
+    _scenario("eval_even", "vit", n_eval=8, train=False),  # 2 full rounds: the single-process evaluation's batches
     _scenario("eval_unequal_batch_counts", "vit", n_eval=5, train=False, even_batches=False),
 ]
 
@@ -217,14 +229,27 @@ def _dataset_from(batches):
     return Dataset.from_dict({"pixel_values": x, "labels": y}).with_format("torch")
 
 
-def single_process_trainer_updates(model_kind, impl, batches, layers, tmp_path):
-    """``VCRegTrainer`` in this (non-distributed) process on the concatenated global batches."""
-    global_batch = sum(b[0].shape[0] for b in batches[0])
-    scenario = dict(batch=global_batch, steps=len(batches), impl=impl, dist=False, layers=layers)
+def single_process_run(model_kind, impl, batches, layers, tmp_path, ga=1, eval_batches=None):
+    """``VCRegTrainer`` in this (non-distributed) process on the concatenated global batches (``ga`` micro-batches a
+    step); with ``eval_batches``, also ``evaluate()`` on theirs. Returns the final weights and the trainer."""
+    global_batch = sum(b[0].shape[0] for b in (batches or eval_batches)[0])
+    scenario = dict(batch=global_batch, steps=len(batches) // ga if batches else None, impl=impl, dist=False,
+                    layers=layers, ga=ga)
     args = worker.make_config(str(tmp_path / f"single_{model_kind}_{impl}"), scenario, ddp_backend=None)
     model = worker.build_model(model_kind)
-    VCRegTrainer(model=model, args=args, train_dataset=_dataset_from(batches)).train()
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    evalset = _dataset_from(eval_batches) if eval_batches else None
+    trainer = VCRegTrainer(model=model, args=args, train_dataset=_dataset_from(batches) if batches else None,
+                           eval_dataset=evalset)
+    if batches:
+        trainer.train()
+    if eval_batches:
+        trainer.evaluate()
+    return {k: v.detach() for k, v in model.state_dict().items()}, trainer
+
+
+def single_process_trainer_updates(model_kind, impl, batches, layers, tmp_path):
+    """``VCRegTrainer`` in this (non-distributed) process on the concatenated global batches: final weights."""
+    return single_process_run(model_kind, impl, batches, layers, tmp_path)[0]
 
 
 def _ok(results):
@@ -353,11 +378,15 @@ def test_rank_with_one_row_uses_global_count_or_skips_with_local_stats(ddp_resul
     assert [c[-1] for c in counts] == [(2, 3.0), (1, 3.0)]  # global statistics: 3 rows, valid
     last = [h for h in ddp_results["uneven_unequal_gradient"][1]["log_history"] if "vcreg/skipped_layers" in h][-1]
     assert last["vcreg/skipped_layers"] == 0
-    # Local statistics: rank 1 skips ``embed`` in that step (logged), rank 0 does not.
-    logs = [[h for h in r["log_history"] if "vcreg/skipped_layers" in h] for r in ddp_results["uneven_unequal_local"]]
-    assert [h["vcreg/skipped_layers"] for h in logs[0]] == [0, 0]
-    assert [h["vcreg/skipped_layers"] for h in logs[1]] == [0, 1]
-    assert logs[1][-1]["vcreg/variance/embed"] == 0.0
+    # Local statistics: rank 1 skips ``embed`` in that step, rank 0 does not. The log is the mean over the ranks
+    # (the same line on both): half a layer skipped, and rank 0's variance of ``embed`` halved by rank 1's 0.
+    results = ddp_results["uneven_unequal_local"]
+    logs = [[h for h in r["log_history"] if "vcreg/skipped_layers" in h] for r in results]
+    assert logs[0] == logs[1]
+    assert [h["vcreg/skipped_layers"] for h in logs[0]] == [0, 0.5]
+    rank_embed = [r["local"][-1]["layers"]["embed"] for r in results]  # (V, K, valid) of each rank's last forward
+    assert [valid for _, _, valid in rank_embed] == [True, False]
+    assert logs[0][-1]["vcreg/variance/embed"] == pytest.approx(rank_embed[0][0] / 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["unequal_batch_counts", "eval_unequal_batch_counts"])
@@ -391,20 +420,125 @@ def test_ddp_evaluate_returns_global_vcreg_metrics(ddp_results):
             for n in names:
                 z = torch.cat(captured[n])
                 expected[n].append((variance_loss(z).item(), covariance_loss(z).item()))
-    v_mean = np.mean([np.mean([expected[n][s][0] for n in names]) for s in range(len(batches))])
+    # Every batch weighs what it weighs in eval_loss: its real samples (4, then 3: the padding copy of sample 0 is
+    # dropped by gather_for_metrics).
+    w = np.array([4, 3]) / 7
+    v_mean = np.dot(w, [np.mean([expected[n][s][0] for n in names]) for s in range(len(batches))])
     for r in results:
         metrics = r["eval_metrics"]
         assert metrics["eval_vcreg/variance"] == pytest.approx(v_mean, abs=1e-5)
         for n in names:
-            assert metrics[f"eval_vcreg/variance/{n}"] == pytest.approx(np.mean([e[0] for e in expected[n]]), abs=1e-5)
+            assert metrics[f"eval_vcreg/variance/{n}"] == pytest.approx(np.dot(w, [e[0] for e in expected[n]]), abs=1e-5)
             assert metrics[f"eval_vcreg/covariance/{n}"] == pytest.approx(
-                np.mean([e[1] for e in expected[n]]), rel=1e-4, abs=1e-9
+                np.dot(w, [e[1] for e in expected[n]]), rel=1e-4, abs=1e-9
             )
         assert metrics["eval_vcreg/skipped_layers"] == 0
         for rows, n in r["counts"]:
             assert n == 20.0 and rows == 10  # both ranks' 10 token rows per layer
     # Global statistics: the same numbers on both ranks.
     assert results[0]["eval_metrics"]["eval_vcreg/covariance"] == results[1]["eval_metrics"]["eval_vcreg/covariance"]
+
+
+# ---------------------------------------------------------------------------------------------- true logs
+# Logged values are float32 sums formed in another order on 2 processes (all-reduced moments, per-rank means):
+# measured relative differences to 1 process <= 1.2e-7, covariances (values ~1e-5, from a cancelling sum) <= 1.2e-6.
+LOG_RTOL, LOG_ATOL = 1e-4, 1e-8
+# ``loss`` is the Trainer's float32 accumulation of each micro-batch's task_loss + penalty; task_loss and the penalty
+# are averaged apart (float64 sums of float32 values): a few float32 roundings (2^-24 = 6e-8 each); measured <= 1e-7.
+SUM_RTOL = 1e-6
+LOGGED_KEYS = ("loss", "task_loss", "vcreg/penalty", "vcreg/variance", "vcreg/covariance", "vcreg/skipped_layers")
+
+
+def assert_loss_is_task_loss_plus_penalty(history: list[dict], prefix: str = "") -> int:
+    """Every line of ``history`` with ``{prefix}loss`` has ``loss == task_loss + vcreg/penalty``; returns the count."""
+    lines = [h for h in history if f"{prefix}loss" in h]
+    for h in lines:
+        total = h[f"{prefix}task_loss"] + h.get(f"{prefix}vcreg/penalty", 0.0)
+        assert h[f"{prefix}loss"] == pytest.approx(total, rel=SUM_RTOL), h
+    return len(lines)
+
+
+def assert_same_log_lines(history_a: list[dict], history_b: list[dict], keys=LOGGED_KEYS) -> None:
+    """The training lines of two log histories agree line by line on ``keys`` and on every per-layer term."""
+    lines_a, lines_b = ([h for h in hist if "loss" in h] for hist in (history_a, history_b))
+    assert [h["step"] for h in lines_a] == [h["step"] for h in lines_b] and lines_a
+    for a, b in zip(lines_a, lines_b):
+        per_layer = {k for k in a if k.startswith(("vcreg/variance/", "vcreg/covariance/"))}
+        assert per_layer and per_layer == {k for k in b if k.startswith("vcreg/") and k.count("/") == 2}
+        for k in (*keys, *sorted(per_layer)):
+            assert a[k] == pytest.approx(b[k], rel=LOG_RTOL, abs=LOG_ATOL), (a["step"], k, a[k], b[k])
+
+
+def test_logged_loss_equals_task_loss_plus_penalty_on_every_line_and_rank(ddp_results):
+    checked = 0
+    for name, results in ddp_results.items():
+        for r in results:
+            if r["error"] is None:
+                checked += assert_loss_is_task_loss_plus_penalty(r["log_history"])
+                checked += assert_loss_is_task_loss_plus_penalty([r.get("eval_metrics", {})], prefix="eval_")
+    assert checked >= 40
+
+
+@pytest.mark.parametrize(
+    "name,ga", [("vit_gradient_global", 1), ("vit_loss_global", 1), ("cnn_gradient_global", 1),
+                ("cnn_loss_global", 1), ("vit_gradient_global_ga2", 2), ("cnn_loss_global_ga2", 2)]
+)
+def test_two_process_log_equals_single_process_log_of_concatenated_batch(ddp_results, name, ga, tmp_path):
+    """Global statistics: every logged line of both ranks is the line of 1 process on the concatenated batches."""
+    results = ddp_results[name]
+    _ok(results)
+    model_kind, impl = name.split("_")[:2]
+    layers = CNN_LAYERS if model_kind == "cnn" else "blocks"
+    _, single = single_process_run(model_kind, impl, _global_batches(results), layers, tmp_path, ga=ga)
+    for r in results:
+        assert_same_log_lines(r["log_history"], single.state.log_history)
+    # Before the fix, task_loss was rank 0's own: the ranks' own values differ, so the test can tell.
+    own = [[f["task_loss"] for f in r["local"]] for r in results]
+    assert max(abs(a - b) for a, b in zip(*own)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["vit_gradient_local", "cnn_loss_local"])
+def test_local_stats_log_is_mean_over_ranks_of_their_own_values(ddp_results, name):
+    results = ddp_results[name]
+    _ok(results)
+    lines = [[h for h in r["log_history"] if "loss" in h] for r in results]
+    assert lines[0] == lines[1] and len(lines[0]) == 2
+    for step, line in enumerate(lines[0]):
+        own = [r["local"][step] for r in results]  # 1 forward a step
+        for key, field in (("task_loss", "task_loss"), ("vcreg/penalty", "penalty")):
+            assert line[key] == pytest.approx(np.mean([o[field] for o in own]), rel=1e-6)
+        # Local statistics differ between the ranks, so this is a real average.
+        assert abs(own[0]["penalty"] - own[1]["penalty"]) > 1e-4
+
+
+def test_two_process_evaluation_equals_single_process_evaluation(ddp_results, tmp_path):
+    results = ddp_results["eval_even"]
+    _ok(results)
+    _, single = single_process_run("vit", "gradient", None, "blocks", tmp_path,
+                                   eval_batches=_global_batches(results, training=False))
+    expected = single.state.log_history[-1]
+    keys = [k for k in expected if k.startswith("eval_") and ("loss" in k or "vcreg" in k)]
+    assert {"eval_loss", "eval_task_loss", "eval_vcreg/penalty", "eval_vcreg/variance/vit.layers.1"} <= set(keys)
+    for r in results:
+        for k in keys:
+            assert r["eval_metrics"][k] == pytest.approx(expected[k], rel=LOG_RTOL, abs=LOG_ATOL), k
+
+
+def test_single_process_evaluation_with_short_last_batch_weighs_it_like_eval_loss(tmp_path):
+    """7 samples in batches of 4: eval_loss weighs the batches 4 : 3, and so must eval_task_loss and eval_vcreg/*."""
+    scenario = dict(batch=4, steps=1, impl="gradient", dist=False, layers="blocks")
+    args = worker.make_config(str(tmp_path), scenario, ddp_backend=None)
+    trainer = VCRegTrainer(model=worker.build_model("vit"), args=args, eval_dataset=worker.make_dataset(7))
+    metrics = trainer.evaluate()
+    assert assert_loss_is_task_loss_plus_penalty([metrics], prefix="eval_") == 1
+    # The unweighted mean of the two batches would differ by more than the tolerance.
+    model = worker.build_model("vit").eval()
+    data = worker.make_dataset(7)
+    with torch.no_grad():
+        losses = [model(pixel_values=data[i:j]["pixel_values"], labels=data[i:j]["labels"]).loss.item()
+                  for i, j in ((0, 4), (4, 7))]
+    assert metrics["eval_task_loss"] == pytest.approx((4 * losses[0] + 3 * losses[1]) / 7, rel=1e-6)
+    assert abs(np.mean(losses) - metrics["eval_task_loss"]) > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- resume
