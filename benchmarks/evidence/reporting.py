@@ -259,7 +259,7 @@ def _sweep_section(plan: Plan, rel: str, results: Path) -> list[str]:
                            ("source_delta", "Source accuracy Δ (fine task)"),
                            ("hierarchical_delta", "Hierarchical probe Δ"),
                            ("cross_domain_delta", "Cross-domain probe Δ")):
-            out += [f"**{title}**", "", _grid(table, p.sweep_alphas, p.sweep_betas, key, ref_label)]
+            out += [f"**{title}**", "", _grid(table, *p.grid(family), key, ref_label)]
         ranked = sorted(first["eligible"], key=lambda k: -table[k]["objective"])[:5]
         out += [f"Top eligible settings (stage-1 choice **{first['label']}**"
                 + ("" if first["constraint_met"] else ", no setting met the source constraint") + "):", "",
@@ -490,9 +490,10 @@ def plot_sweep(plan: Plan, family: str, path: Path) -> bool:
             ("hierarchical_delta", "hierarchical probe Δ"), ("cross_domain_delta", "cross-domain probe Δ"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.0 * len(keys), 3.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], keys):
-        grid = np.full((len(p.sweep_alphas), len(p.sweep_betas)), np.nan)
-        for i, a in enumerate(p.sweep_alphas):
-            for j, b in enumerate(p.sweep_betas):
+        alphas, betas = p.grid(family)
+        grid = np.full((len(alphas), len(betas)), np.nan)
+        for i, a in enumerate(alphas):
+            for j, b in enumerate(betas):
                 name = label(setting(a, b))
                 if name != BASELINE:
                     grid[i, j] = first["table"][name][key]
@@ -502,8 +503,8 @@ def plot_sweep(plan: Plan, family: str, path: Path) -> bool:
             for j in range(grid.shape[1]):
                 if np.isfinite(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:+.1f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(p.sweep_betas)), [f"{b:g}" for b in p.sweep_betas])
-        ax.set_yticks(range(len(p.sweep_alphas)), [f"{a:g}" for a in p.sweep_alphas])
+        ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
+        ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_xlabel("beta")
         ax.set_ylabel("alpha")
         ax.set_title(f"{family}: {title}", fontsize=9)
