@@ -67,6 +67,11 @@ class ReentrantCheckpointError(RuntimeError):
     """A regularised block ran without autograd during training (reentrant gradient checkpointing)."""
 
 
+
+def _keep(t):
+    """Identity pack/unpack hook: a saved tensor is kept as it is (see ``_vcreg_transform``)."""
+    return t
+
 class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
     """``Trainer`` with the VCReg penalty on the output of every block.
 
@@ -220,9 +225,18 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
                                                             self._vcreg_group, "loss")
                 self._vcreg_records.append((layer, penalty, v, k, valid))
             return x
-        out, penalty, v, k, valid = apply_penalty(
-            x, layer.axis, rows, self._vcreg_spec, self._vcreg_group, self.args.vcreg_implementation
-        )
+        if self.args.vcreg_implementation == "loss":
+            if self._vcreg_capture.replaying:  # the first forward's penalty graph is the one the backward uses
+                return x
+            # The explicit penalty is a graph beside the model's: its saved tensors stay out of an enclosing
+            # activation checkpoint. Checkpointed, the penalty's backward (which runs before the gradient reaches
+            # the block's output) would start the recomputation before FSDP has gathered the block's parameters.
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                _, penalty, v, k, valid = apply_penalty(x, layer.axis, rows, self._vcreg_spec, self._vcreg_group,
+                                                        "loss")
+            self._vcreg_records.append((layer, penalty, v, k, valid))
+            return x
+        out, penalty, v, k, valid = apply_penalty(x, layer.axis, rows, self._vcreg_spec, self._vcreg_group, "gradient")
         if not self._vcreg_capture.replaying:  # a checkpoint's recomputation: the first forward was recorded
             self._vcreg_records.append((layer, penalty, v, k, valid))
         return out
