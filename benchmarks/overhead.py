@@ -9,7 +9,7 @@ two medians is reported beside it). Peak memory is measured on separate steps af
 with ``torch.cuda.max_memory_allocated``, on CPU from the profiler's allocation events (bytes live at the
 peak of a step, plus the bytes alive before it: parameters, optimizer state, batch).
 
-VCReg runs with the library's defaults (``VCRegConfig()``: every block, alpha/beta from ``VCREG_DEFAULTS``,
+VCReg runs with the library's defaults (``VCRegConfig()``: every block, alpha/beta recommended for the model's family,
 all rows unless ``vcreg_max_rows`` defaults otherwise), once per implementation (``gradient``, ``loss``).
 
 Usage::

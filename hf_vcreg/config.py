@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-__all__ = ["RECOMMENDED", "VCRegConfig", "VCREG_DEFAULTS"]
+__all__ = ["RECOMMENDED", "VCRegConfig"]
 
 RECOMMENDED: dict[str, dict[str, Any]] = {
     "cnn": {"vcreg_alpha": 1.0, "vcreg_beta": 10.0},
@@ -26,11 +26,6 @@ explicit value always wins. Every family lists the same fields, and only fields 
 belong here (``vcreg_delta`` / ``vcreg_max_rows`` use ``None`` for "off"). PROVISIONAL values, to be replaced from
 the evidence protocol's pick (``benchmarks/results/evidence/selection.json``, pinned by
 ``tests/test_config_validation.py``)."""
-
-# The old protocol's single pick (benchmarks/results/evidence/sweep.json), no longer a VCRegConfig default. Only the
-# old sweep's pin test (and the pre-package benchmarks/evidence.py) reads it: remove it with sweep.json.
-VCREG_DEFAULTS = {"vcreg_alpha": 0.01, "vcreg_beta": 0.1}
-
 
 @dataclass
 class VCRegConfig(TrainingArguments):

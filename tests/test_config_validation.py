@@ -238,25 +238,6 @@ def test_training_args_bin_and_model_card_reproduce_the_run(tmp_path):
     assert VCRegConfig(output_dir=str(tmp_path / "c"), **from_card).vcreg_dict() == a.args.vcreg_dict()
 
 
-def test_library_defaults_are_the_committed_sweep_pick():
-    """VCREG_DEFAULTS must be the (alpha, beta) that the committed benchmark sweep selected."""
-    import json
-    from pathlib import Path
-
-    from hf_vcreg.config import VCREG_DEFAULTS
-
-    # NOTE (to change with the new defaults): this still reads the OLD protocol's sweep.json, the source of today's
-    # VCREG_DEFAULTS. The new protocol writes benchmarks/results/evidence/selection.json ({"families": {family:
-    # {"vcreg_alpha", "vcreg_beta", "placement", "layers", ...}}}); pin the per-family defaults to that file and
-    # delete sweep.json when the full run's results are committed.
-    sweep = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/evidence/sweep.json").read_text())
-    selection = sweep["selection"]
-    assert selection["best_variant"] == f"alpha={selection['best_alpha']:g}, beta={selection['best_beta']:g}"
-    assert VCREG_DEFAULTS == {"vcreg_alpha": selection["best_alpha"], "vcreg_beta": selection["best_beta"]}
-    best = selection["mean_by_variant"][selection["best_variant"]]
-    assert best == max(selection["mean_by_variant"].values())
-
-
 # Which model family of the evidence protocol (benchmarks/evidence, selection.json's "families") stands for each
 # library family of RECOMMENDED.
 EVIDENCE_FAMILY = {"cnn": "cnn", "transformer": "vit"}

@@ -21,7 +21,7 @@ from .models import FAMILIES
 from .runs import RunCache
 from .stats import paired
 
-__all__ = ["HEADLINE_METRICS", "build", "load_plan"]
+__all__ = ["HEADLINE_METRICS", "SUMMARY_METRICS", "baseline_mean", "build", "load_plan", "summary_rows"]
 
 # (task, metric, label, percent?, direction): direction +1 = higher is better (or, for the collapse measures,
 # the direction the paper claims: less collapse), 0 = descriptive (no "better").
@@ -90,6 +90,12 @@ def _values(plan: Plan, family: str, task: str, vcreg: dict, seeds: list[int], m
         if record is not None and metric in record["metrics"]:
             out[seed] = record["metrics"][metric]
     return out
+
+
+def baseline_mean(plan: Plan, family: str, task: str, metric: str) -> float | None:
+    """The baseline's mean of ``metric`` over the headline seeds (None without runs)."""
+    values = _values(plan, family, task, BASE, plan.seeds(plan.profile.headline_seeds), metric)
+    return float(np.mean(list(values.values()))) if values else None
 
 
 def _comparison(plan: Plan, family: str, vcreg: dict, seeds: int) -> list[tuple[tuple, dict]]:
@@ -373,8 +379,9 @@ SUMMARY_METRICS = [("fine", "test_source_accuracy", "source acc."), ("fine", "te
                    ("long_tail", "test_balanced_accuracy", "long tail")]
 
 
-def _summary_section(plan: Plan) -> list[str]:
-    """One row per family: the chosen setting and the paired test Δ (points) with its 95 % interval."""
+def summary_rows(plan: Plan, digits: int = 1) -> list[list[str]]:
+    """Per family with a chosen setting: ``[family, setting, *cells]``, one cell per `SUMMARY_METRICS` entry: the
+    paired test Δ (points), its 95 % interval and (seeds with Δ > 0 / seeds); ``—`` where runs are missing."""
     rows = []
     for family in plan.families:
         chosen = plan.chosen(family)
@@ -389,9 +396,15 @@ def _summary_section(plan: Plan) -> list[str]:
                 continue
             st = paired(base, treated)
             ci = "" if st["ci_low"] is None else \
-                f" [{_num(st['ci_low'], True, 1, True)}, {_num(st['ci_high'], True, 1, True)}]"
-            cells.append(f"{_num(st['delta_mean'], True, 1, True)}{ci} ({st['positive']}/{st['n']})")
+                f" [{_num(st['ci_low'], True, digits, True)}, {_num(st['ci_high'], True, digits, True)}]"
+            cells.append(f"{_num(st['delta_mean'], True, digits, True)}{ci} ({st['positive']}/{st['n']})")
         rows.append(cells)
+    return rows
+
+
+def _summary_section(plan: Plan) -> list[str]:
+    """One row per family: the chosen setting and the paired test Δ (points) with its 95 % interval."""
+    rows = summary_rows(plan)
     if not rows:
         return []
     return ["## Summary", "",

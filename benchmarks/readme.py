@@ -1,0 +1,114 @@
+"""The README's generated blocks, rendered from committed results files.
+
+Each block sits between ``<!-- name -->`` and ``<!-- /name -->`` in ``README.md``. ``tests/test_readme.py`` checks
+that the README holds exactly what `render` returns for every block, so a number the README quotes cannot drift
+from the file it comes from. ``python -m benchmarks.readme`` rewrites the blocks in place after new results land.
+
+- ``expect``: what the defaults do, per family, from the evidence suite (``benchmarks/results/evidence``);
+- ``demo``: the main command's output, from the summary files it wrote (``benchmarks/results/demo``);
+- ``performance``: the cost per training step, from the overhead runs (``benchmarks/results/overhead_cpu*.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EVIDENCE = Path("benchmarks/results/evidence")
+DEMO = Path("benchmarks/results/demo")
+FAMILY_NAMES = {"cnn": "CNN (ResNet-style, transformers)", "vit": "ViT (transformers)",
+                "timm_cnn": "CNN (timm ResNet)", "timm_vit": "ViT (timm)"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def render_expect(root: Path = ROOT) -> str:
+    """Per family: the defaults the sweep chose and their paired test deltas (the evidence summary rows)."""
+    from benchmarks.evidence.reporting import SUMMARY_METRICS, _table, baseline_mean, load_plan, summary_rows
+
+    results = root / EVIDENCE
+    plan = load_plan(results)
+    selection = json.loads((results / "selection.json").read_text())["families"]
+    p = plan.profile
+    rows = []
+    for family, _setting, *cells in summary_rows(plan):
+        chosen = selection[family]
+        source = baseline_mean(plan, family, "fine", "test_source_accuracy")
+        rows.append([FAMILY_NAMES.get(family, family),
+                     f"alpha {chosen['vcreg_alpha']:g}, beta {chosen['vcreg_beta']:g}, {chosen['placement']}",
+                     _pct(source), *cells])
+    epochs = sorted({p.epochs[f] for f in plan.families})
+    return "\n".join([
+        f"Pretraining on Fashion-MNIST ({p.train_size:,} training images, {'/'.join(map(str, epochs))} epochs, "
+        f"{p.headline_seeds} seeds; settings chosen on a held-out validation split, these numbers on the test "
+        "splits). Paired Δ VCReg − baseline in points, 95 % interval in brackets, (seeds with Δ > 0 / seeds):",
+        "",
+        _table(["family", "default setting", "baseline source acc.", *[t for _, _, t in SUMMARY_METRICS]],
+               rows).rstrip("\n"),
+    ])
+
+
+def render_demo(root: Path = ROOT) -> str:
+    """The main command's summary table, verbatim from each committed run folder, with how it was run."""
+    out = []
+    for folder in sorted((root / DEMO).iterdir()):
+        summary = json.loads((folder / "summary.json").read_text())
+        run = summary["run"]
+        out += [f"`{run['command']}` with {run['threads']} torch thread(s), {run['wall_s']:.0f} s "
+                f"({run['date'][:10]}, commit {run['commit']}):", "", "```text",
+                (folder / "summary.md").read_text().rstrip("\n"), "```", ""]
+    return "\n".join(out).rstrip("\n")
+
+
+def render_performance(root: Path = ROOT) -> str:
+    """Time and memory ratios VCRegTrainer / Trainer over every committed CPU overhead run."""
+    runs = [json.loads(f.read_text()) for f in sorted((root / "benchmarks/results").glob("overhead_cpu*.json"))]
+    names = {"hf_vit_small": "small ViT (12 blocks)", "timm_resnet18": "timm ResNet-18"}
+    parts = []
+    for model, name in names.items():
+        ratios = [next(m for m in r["models"] if m["model"] == model)["gradient"]["time_ratio"] for r in runs]
+        memory = [next(m for m in r["models"] if m["model"] == model)["gradient"]["memory_ratio"] for r in runs]
+        parts.append(f"{name} {sum(ratios) / len(ratios):.3f}x time ({min(ratios):.3f}-{max(ratios):.3f}), "
+                     f"{max(memory):.3f}x memory at most")
+    return (f"A training step with VCReg on every block against the plain `Trainer` step ({len(runs)} runs, CPU, "
+            f"32x32 images, batch 64, fp32): {'; '.join(parts)}.")
+
+
+BLOCKS = {"expect": render_expect, "demo": render_demo, "performance": render_performance}
+
+
+def blocks(text: str) -> dict[str, str]:
+    """``{name: content}`` of the generated blocks in a README text (content without the marker lines)."""
+    out = {}
+    for name in BLOCKS:
+        m = re.search(rf"^<!-- {name} -->\n(.*?)\n<!-- /{name} -->$", text, re.S | re.M)
+        if m:
+            out[name] = m.group(1)
+    return out
+
+
+def render(root: Path = ROOT) -> dict[str, str]:
+    return {name: fn(root) for name, fn in BLOCKS.items()}
+
+
+def update(path: Path = ROOT / "README.md") -> list[str]:
+    """Rewrite the blocks present in ``path``; returns the names of those that changed."""
+    text = path.read_text()
+    changed = []
+    for name, content in blocks(text).items():
+        new = BLOCKS[name](path.parent)
+        if new != content:
+            text = text.replace(f"<!-- {name} -->\n{content}\n<!-- /{name} -->",
+                                f"<!-- {name} -->\n{new}\n<!-- /{name} -->")
+            changed.append(name)
+    path.write_text(text)
+    return changed
+
+
+if __name__ == "__main__":
+    print("updated:", update(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "README.md") or "nothing")
