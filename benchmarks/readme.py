@@ -82,13 +82,17 @@ def render_performance(root: Path = ROOT) -> str:
 BLOCKS = {"expect": render_expect, "demo": render_demo, "performance": render_performance}
 
 
+def _pattern(name: str) -> str:
+    return rf"^<!-- {name} -->\n(?:(.*?)\n)?<!-- /{name} -->$"
+
+
 def blocks(text: str) -> dict[str, str]:
     """``{name: content}`` of the generated blocks in a README text (content without the marker lines)."""
     out = {}
     for name in BLOCKS:
-        m = re.search(rf"^<!-- {name} -->\n(.*?)\n<!-- /{name} -->$", text, re.S | re.M)
+        m = re.search(_pattern(name), text, re.S | re.M)
         if m:
-            out[name] = m.group(1)
+            out[name] = m.group(1) or ""
     return out
 
 
@@ -96,19 +100,22 @@ def render(root: Path = ROOT) -> dict[str, str]:
     return {name: fn(root) for name, fn in BLOCKS.items()}
 
 
-def update(path: Path = ROOT / "README.md") -> list[str]:
-    """Rewrite the blocks present in ``path``; returns the names of those that changed."""
+def update(path: Path = ROOT / "README.md", names: list[str] | None = None) -> list[str]:
+    """Rewrite the blocks present in ``path`` (or only ``names``); returns the names of those that changed."""
     text = path.read_text()
     changed = []
     for name, content in blocks(text).items():
+        if names and name not in names:
+            continue
         new = BLOCKS[name](path.parent)
         if new != content:
-            text = text.replace(f"<!-- {name} -->\n{content}\n<!-- /{name} -->",
-                                f"<!-- {name} -->\n{new}\n<!-- /{name} -->")
+            text = re.sub(_pattern(name), lambda m: f"<!-- {name} -->\n{new}\n<!-- /{name} -->", text,
+                          flags=re.S | re.M)
             changed.append(name)
     path.write_text(text)
     return changed
 
 
 if __name__ == "__main__":
-    print("updated:", update(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "README.md") or "nothing")
+    # python -m benchmarks.readme [BLOCK ...]: rewrite those blocks (default: all) of README.md
+    print("updated:", update(ROOT / "README.md", sys.argv[1:] or None) or "nothing")
