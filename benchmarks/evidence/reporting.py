@@ -94,8 +94,18 @@ def _values(plan: Plan, family: str, task: str, vcreg: dict, seeds: list[int], m
 
 def baseline_mean(plan: Plan, family: str, task: str, metric: str) -> float | None:
     """The baseline's mean of ``metric`` over the headline seeds (None without runs)."""
-    values = _values(plan, family, task, BASE, plan.seeds(plan.profile.headline_seeds), metric)
+    values = _values(plan, family, task, BASE, plan.seeds(plan.profile.headline_seeds_of(family)), metric)
     return float(np.mean(list(values.values()))) if values else None
+
+
+def _headline_seeds_text(plan: Plan) -> str:
+    """``seeds 0-4`` or, where families differ, ``seeds 0-4 (vit: 0-2)``."""
+    p = plan.profile
+    text = f"seeds 0-{p.headline_seeds - 1}"
+    other = {f: p.headline_seeds_of(f) for f in plan.families if p.headline_seeds_of(f) != p.headline_seeds}
+    if other:
+        text += " (" + ", ".join(f"{f}: 0-{n - 1}" for f, n in other.items()) + ")"
+    return text
 
 
 def _comparison(plan: Plan, family: str, vcreg: dict, seeds: int) -> list[tuple[tuple, dict]]:
@@ -142,7 +152,7 @@ def _protocol(plan: Plan, meta: dict, selection_rule: str) -> list[str]:
         f"{p.imbalance_ratio:g}, class counts {lt_counts}), balanced accuracy and class-group accuracies; "
         "effective rank, NC1 and CDNV of the penultimate test features (`hf_vcreg.metrics`) and the VCReg "
         "variance / covariance terms of those features (`hf_vcreg.penalty`).",
-        f"- **Seeds**: sweep {plan.seeds(p.sweep_seeds)}, headline {plan.seeds(p.headline_seeds)}. A seed sets "
+        f"- **Seeds**: sweep {plan.seeds(p.sweep_seeds)}, headline {_headline_seeds_text(plan)}. A seed sets "
         "the initialisation and the batch order; data splits are fixed. Baseline and VCReg runs of a seed start "
         "from the same weights; Δ is the paired difference VCReg − baseline per seed, its interval the 95 % "
         "Student-t interval over seeds. Numbers are mean ± sample std over seeds.",
@@ -193,7 +203,7 @@ def _baselines(plan: Plan) -> list[str]:
         cells = [family]
         for task, metric in (("fine", "val_source_accuracy"), ("fine", "test_source_accuracy"),
                              ("coarse", "test_source_accuracy"), ("long_tail", "test_balanced_accuracy")):
-            vals = list(_values(plan, family, task, BASE, plan.seeds(p.headline_seeds), metric).values())
+            vals = list(_values(plan, family, task, BASE, plan.seeds(p.headline_seeds_of(family)), metric).values())
             cells.append(f"{_num(np.mean(vals), True)} ± {_num(np.std(vals, ddof=1) if len(vals) > 1 else 0.0, True)}"
                          f" ({len(vals)})" if vals else "—")
         rows.append(cells)
@@ -336,7 +346,7 @@ def _comparison_table(plan: Plan, comparison: list[tuple[tuple, dict]]) -> str:
 def _headline_section(plan: Plan, rel: str, results: Path) -> tuple[list[str], list[str]]:
     p = plan.profile
     out = ["## Headline: chosen setting vs baseline (test)", "",
-           f"Test splits, {p.headline_seeds} seeds; accuracies in %, Δ in points. Each family uses its own chosen "
+           f"Test splits, {_headline_seeds_text(plan)}; accuracies in %, Δ in points. Each family uses its own chosen "
            f"setting. Seeds {plan.seeds(min(p.sweep_seeds, p.headline_seeds))} of the `fine` and `coarse` rows are the "
            "sweep's runs of the same configuration (measured once, on both splits).",
            ""]
@@ -348,7 +358,7 @@ def _headline_section(plan: Plan, rel: str, results: Path) -> tuple[list[str], l
         if chosen is None:
             out += [f"### {family}", "", "Sweep not finished: no chosen setting yet.", ""]
             continue
-        comparison = _comparison(plan, family, chosen, p.headline_seeds)
+        comparison = _comparison(plan, family, chosen, p.headline_seeds_of(family))
         out += [f"### {family}: {label(chosen)}", "", _comparison_table(plan, comparison)]
         not_helping += _not_helping(plan, family, label(chosen), comparison)
         ref = setting(*p.reference)
@@ -389,8 +399,9 @@ def summary_rows(plan: Plan, digits: int = 1) -> list[list[str]]:
             continue
         cells = [family, label(chosen)]
         for task, metric, _ in SUMMARY_METRICS:
-            base = _values(plan, family, task, BASE, plan.seeds(plan.profile.headline_seeds), metric)
-            treated = _values(plan, family, task, chosen, plan.seeds(plan.profile.headline_seeds), metric)
+            seeds = plan.seeds(plan.profile.headline_seeds_of(family))
+            base = _values(plan, family, task, BASE, seeds, metric)
+            treated = _values(plan, family, task, chosen, seeds, metric)
             if not set(base) & set(treated):
                 cells.append("—")
                 continue
@@ -468,8 +479,8 @@ CAVEATS = """## What this does and does not show
   held-out part of the Fashion-MNIST training split, the digits validation split); the test splits appear only
   in the headline tables. Two sweep seeds make the choice itself noisy: the top settings of the grid are listed
   with their per-seed objectives.
-- **Seeds.** {headline_seeds} seeds for the headline, {sweep_seeds} for the sweep. A 95 % interval from
-  {headline_seeds} seeds is wide; an interval that includes 0 is reported as no evidence either way.
+- **Seeds.** {headline_seeds} for the headline, {sweep_seeds} for the sweep. A 95 % interval from
+  so few seeds is wide; an interval that includes 0 is reported as no evidence either way.
 - **Hyper-parameters.** Baseline and VCReg share every training hyper-parameter; none was tuned for either.
 - **Timing.** Wall times were measured on a machine shared with other jobs: they are upper bounds, not
   benchmarks (see `benchmarks/PERFORMANCE.md` for the penalty's cost).
@@ -530,7 +541,7 @@ def plot_headline(plan: Plan, path: Path) -> bool:
     for family in plan.families:
         chosen = plan.chosen(family)
         if chosen is not None:
-            rows = [(row, s) for row, s in _comparison(plan, family, chosen, plan.profile.headline_seeds)
+            rows = [(row, s) for row, s in _comparison(plan, family, chosen, plan.profile.headline_seeds_of(family))
                     if row[3] and s["ci_low"] is not None]
             if rows:
                 panels.append((family, label(chosen), rows))
@@ -618,7 +629,7 @@ def build(results: Path, out: Path, plots: bool = True) -> str:
         *_placement_section(plan),
         *_starvation_section(plan, rel, results),
         *_cost_section(plan),
-        CAVEATS.format(headline_seeds=plan.profile.headline_seeds, sweep_seeds=plan.profile.sweep_seeds),
+        CAVEATS.format(headline_seeds=_headline_seeds_text(plan), sweep_seeds=plan.profile.sweep_seeds),
     ]
     text = "\n".join(parts)
     out.write_text(text)
