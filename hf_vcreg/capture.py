@@ -341,10 +341,11 @@ def _stage_blocks(stage: nn.Module) -> list[str]:
 
 
 def _with_siblings(model: nn.Module, stages: list[str], is_stem: Callable[[str], bool]) -> list[str]:
-    """``stages`` plus the composite modules between them when they are numbered members of one container.
+    """``stages`` plus their composite siblings when they are all numbered members of one container.
 
     timm lists one block per feature level (EfficientNet ``blocks.1, blocks.2, blocks.4``; Hiera ``blocks.2``,
-    ``blocks.9``): every member of the container from the first one up to the last listed stage holds blocks.
+    ``blocks.9``), and transformers' BEiT reports its last layer only through the final norm: every composite,
+    non-stem member of that container holds blocks.
     """
     parents = {s.rpartition(".")[0] for s in stages}
     if len(parents) != 1 or not all(s.rpartition(".")[2].isdigit() for s in stages):
@@ -353,13 +354,10 @@ def _with_siblings(model: nn.Module, stages: list[str], is_stem: Callable[[str],
     container = model.get_submodule(parent) if parent else model
     if not _is_container(container):
         return stages
-    last = max(int(s.rpartition(".")[2]) for s in stages)
     out = []
     for name, child in container.named_children():
-        if not name.isdigit() or int(name) > last:
-            continue
         qualified = f"{parent}.{name}" if parent else name
-        if qualified in stages or (_is_composite(child) and not is_stem(qualified)):
+        if qualified in stages or (name.isdigit() and _is_composite(child) and not is_stem(qualified)):
             out.append(qualified)
     return out
 
@@ -440,32 +438,31 @@ KEYWORDS = ("blocks", "stages", "last")
 def split_patterns(value: str | Sequence[str]) -> list[str]:
     """``vcreg_layers`` as a list of stripped, non-empty entries.
 
-    A list is taken as is. A string is split at its top-level commas only: a comma inside ``{}``, ``[]`` or ``()``
-    belongs to the pattern (``vit\\.layers\\.[0-9]{1,2}`` stays one pattern). Module names never contain commas,
-    so a top-level comma cannot be part of a useful pattern.
+    A string is split at its top-level commas only: a comma inside ``{}``, ``[]`` or ``()`` belongs to the pattern
+    (``vit\\.layers\\.[0-9]{1,2}`` stays one pattern). So is every entry of a list. Module names never contain
+    commas, so a top-level comma cannot be part of a useful pattern.
     """
-    if isinstance(value, str):
-        parts, depth, current, escaped = [], 0, [], False
-        for ch in value:
-            if escaped:
-                current.append(ch)
-                escaped = False
-                continue
-            if ch == "\\":
-                escaped = True
-            elif ch in "([{":
-                depth += 1
-            elif ch in ")]}":
-                depth = max(depth - 1, 0)
-            elif ch == "," and depth == 0:
-                parts.append("".join(current))
-                current = []
-                continue
+    if not isinstance(value, str):
+        return [p for entry in value if isinstance(entry, str) for p in split_patterns(entry)]
+    parts, depth, current, escaped = [], 0, [], False
+    for ch in value:
+        if escaped:
             current.append(ch)
-        parts.append("".join(current))
-    else:
-        parts = list(value)
-    return [p.strip() for p in parts if isinstance(p, str) and p.strip()]
+            escaped = False
+            continue
+        if ch == "\\":
+            escaped = True
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
 
 
 def select_layers(model: nn.Module, layers: str | Sequence[str] = "blocks") -> list[str]:
