@@ -119,6 +119,8 @@ _NOT_A_STAGE = re.compile(
     r"(?i).*(stem|embed|pre_layrnorm|pre_layernorm|head|classifier|pooler|pre_logits|fc_norm|final_conv"
     r"|layernorm$|^norm\d*$|^layer_norm$).*"
 )
+_EMBEDDING_CLASS = re.compile(r"Embed|Stem")
+"""Class names of patch embeddings and stems (``PatchEmbed``, ``SwiftFormerEmbeddings``, ``ConvStem``)."""
 _TOP_LEVEL_LAYER = re.compile(r"(?i)(conv|bn|act|norm|relu|pool|maxpool|fc|global_pool|aggregate)[\w]*")
 
 
@@ -400,6 +402,11 @@ def layer_map(model: nn.Module) -> LayerMap:
         stages = [n for n in _structural_blocks(model) if not _is_stem_or_head(n)]
         found = (stages, stages, "structure", "", model)
     stages, members, source, prefix, root = found
+
+    def not_embedding(name: str) -> bool:  # SwiftFormer's downsampling SwiftFormerEmbeddings between its stages
+        return not _EMBEDDING_CLASS.search(type(root.get_submodule(name)).__name__)
+
+    stages, members = [s for s in stages if not_embedding(s)], [m for m in members if not_embedding(m)]
     blocks = []
     for member in members:
         for rel in _stage_blocks(root.get_submodule(member)):
