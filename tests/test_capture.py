@@ -179,3 +179,40 @@ def test_sample_rows_is_seeded_sorted_and_capped():
     assert torch.equal(a, a.sort().values) and a.unique().numel() == 100
     assert sample_rows(50, 100, seed=7, device=torch.device("cpu")) is None
     assert sample_rows(50, None, seed=7, device=torch.device("cpu")) is None
+
+
+def test_patterns_with_commas_inside_quantifiers_and_groups_stay_whole():
+    assert split_patterns(r"vit\.layers\.[0-9]{1,2}") == [r"vit\.layers\.[0-9]{1,2}"]
+    assert split_patterns(r"a{1,2}, (b|c),[d,e] ,f\,g") == ["a{1,2}", "(b|c)", "[d,e]", r"f\,g"]
+    assert split_patterns([r"x\.\d{1,2}, y", "z"]) == [r"x\.\d{1,2}", "y", "z"]
+    model = build("hf_vit")
+    assert select_layers(model, r"vit\.layers\.[0-9]{1,2}") == ["vit.layers.0", "vit.layers.1"]
+    assert select_layers(model, [r"vit\.layers\.[0-9]{1,2}", "vit.layernorm"]) == [
+        "vit.layers.0", "vit.layers.1", "vit.layernorm"]
+
+
+def test_stages_and_last_keywords():
+    model = build("timm_resnet")
+    assert select_layers(model, "stages") == ["layer1", "layer2", "layer3", "layer4"]
+    assert select_layers(model, ["stages"]) == select_layers(model, "stages")
+    assert select_layers(model, "last") == ["layer4.1"]
+    with pytest.raises(ValueError, match=r"the keyword 'blocks' cannot be combined with patterns"):
+        select_layers(model, ["blocks", r"layer1"])
+
+
+def test_structural_fallback_leaves_out_stems_and_heads():
+    class Net(nn.Module):  # a bare nn.Module: no library metadata
+        def __init__(self):
+            super().__init__()
+            block = lambda c: nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())  # noqa: E731
+            self.stem = nn.Sequential(block(4), block(4))
+            self.body = nn.Sequential(block(4), block(4), block(4))
+            self.head = nn.Linear(4, 2)
+
+    from hf_vcreg.capture import layer_map
+
+    found = layer_map(Net())
+    assert found.source == "structure"
+    # stem and body: sibling Sequentials of one class, found as stages; the stem is left out by name
+    assert found.stages == ["body"]
+    assert found.blocks == ["body.0", "body.1", "body.2"]
