@@ -1,19 +1,29 @@
-"""Capture: which modules of a model are "blocks", and how a block's output becomes an ``(n, d)`` sample matrix.
+"""Capture: which modules of a model are its stages and blocks, and how an output becomes an ``(n, d)`` sample matrix.
 
 Step 1 of the data flow (capture -> penalty -> trainer -> publishing). Nothing here knows about VCReg's
-formulas: this file finds blocks, installs forward hooks on them and describes each output tensor as a
-sample matrix (which axis holds the features, which rows are used).
+formulas: this file finds the layers to regularise, installs forward hooks on them and describes each output
+tensor as a sample matrix (which axis holds the features, which rows are used).
 
-Blocks are found structurally, never by a hard-coded path (``transformers`` 5.x renamed ``vit.encoder.layer``
-to ``vit.layers``):
+Layers are found from the libraries' own metadata first (:func:`layer_map`), never by a hard-coded path:
+
+* timm: ``feature_info`` (one entry per feature level), the stem entries left out (timm's ``group_matcher`` stem,
+  ``stem*`` / ``act1`` / ``conv_stem`` names) and a final conv / norm / head entry too;
+* transformers: the modules whose outputs are the model's ``hidden_states``, traced on a meta-device twin of the
+  model (else the class its ``_can_record_outputs`` names), the embedding output left out.
+
+The structural search is the fallback (a bare ``nn.Module``, a timm model without a usable ``feature_info``, a
+transformers model whose twin cannot run):
 
 * a ``nn.ModuleList`` / ``nn.Sequential`` whose children (at least two) all share one class and each hold at
   least two parameterised modules is a list of blocks (ViT layers, ConvNeXt / ResNet / Swin stages,
   EfficientNet stages, timm ``blocks``);
 * sibling attributes of one class, each holding at least two parameterised modules (and, if they are
   containers, homogeneous ones), are blocks too (timm ResNet ``layer1..layer4``, timm RegNet ``s1..s4``);
-* the search stops at the first (outermost) level found on each path of the module tree, so a hierarchical
-  CNN contributes its stages and a plain transformer its layers.
+* the search stops at the first (outermost) level found on each path of the module tree, and drops stems, patch
+  embeddings, final norms and heads by name.
+
+The stages found either way are ``vcreg_layers="stages"``; the blocks inside them (:func:`_stage_blocks`) are
+``"blocks"``. ``docs/architectures.md`` lists both for every timm module family and transformers vision class.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ __all__ = [
     "find_blocks",
     "find_stages",
     "layer_map",
+    "layer_widths",
     "LayerMap",
     "split_patterns",
     "sample_rows",
@@ -150,6 +161,9 @@ class LayerMap:
     stages: list[str]
     blocks: list[str]
     source: str
+    widths: dict[str, int] = field(default_factory=dict)
+    """Feature width of the layers whose width the metadata gives: timm ``feature_info`` channels (``num_chs``),
+    transformers ``hidden_sizes`` per stage or ``hidden_size`` of an isotropic model (ViT)."""
 
 
 def _is_timm(module: nn.Module) -> bool:
@@ -166,7 +180,7 @@ def _resolve(name: str, names: dict[str, nn.Module]) -> str | None:
         return name
     for regex in (
         re.compile(r"(?:[\w.]*\.)?" + re.escape(name)),
-        re.compile(r"(?:[\w.]*\.)?" + r"\.".join(re.escape(p) + ("" if p.isdigit() else r"\w*") for p in name.split("."))),
+        re.compile(r"\.".join(re.escape(p) + ("" if p.isdigit() else r"\w*") for p in name.split("."))),
     ):
         matches = [n for n in names if regex.fullmatch(n)]
         if matches:
@@ -185,20 +199,27 @@ def _timm_stem_matcher(model: nn.Module) -> Callable[[str], bool]:
     return lambda name: False
 
 
-def _timm_stages(model: nn.Module) -> list[str] | None:
+def _timm_stages(model: nn.Module) -> tuple[list[str], dict[str, int]] | None:
+    """The non-stem ``feature_info`` modules of a timm model and their channels (``num_chs``)."""
     info = getattr(model, "feature_info", None)
     if not isinstance(info, (list, tuple)) or not info:
         return None
     names = dict(model.named_modules())
     is_stem = _timm_stem_matcher(model)
     stages: list[str] = []
+    widths: dict[str, int | None] = {}
     for entry in info:
         raw = entry.get("module") if isinstance(entry, dict) else None
         name = _resolve(raw, names) if raw else None
-        if name is None or name in stages or is_stem(name) or _is_stem_or_head(name, top_level_layers=True):
+        if name is None or is_stem(name) or _is_stem_or_head(name, top_level_layers=True):
+            continue
+        chs = entry.get("num_chs")
+        if name in stages:  # listed twice (CoaT's parallel_blocks) with two widths: no width
+            widths[name] = widths[name] if widths[name] == chs else None
             continue
         stages.append(name)
-    return stages or None
+        widths[name] = chs if isinstance(chs, int) else None
+    return (stages, {k: v for k, v in widths.items() if v}) if stages else None
 
 
 def _pixel_input(model: nn.Module, config) -> tuple[str, tuple[int, ...]] | None:
@@ -379,10 +400,12 @@ def layer_map(model: nn.Module) -> LayerMap:
     """
     model = unwrap_model(model)
     found = None
+    widths: dict[str, int] = {}
     for prefix, module in model.named_modules():
         if _is_timm(module):
-            stages = _timm_stages(module)
-            if stages:
+            result = _timm_stages(module)
+            if result:
+                stages, widths = result
                 members = _with_siblings(module, stages, _timm_stem_matcher(module))
                 found = (stages, members, "timm feature_info", prefix, module)
             break
@@ -397,6 +420,7 @@ def layer_map(model: nn.Module) -> LayerMap:
                 if result:  # Beit's last hidden state is the final norm's output: its last layer is a sibling
                     stages = _with_siblings(module, result[0], lambda name: _is_stem_or_head(name))
                     found = (stages, stages, result[1], prefix, module)
+                    widths = _config_widths(module, stages)
                 break
     if found is None:
         stages = [n for n in _structural_blocks(model) if not _is_stem_or_head(n)]
@@ -407,6 +431,14 @@ def layer_map(model: nn.Module) -> LayerMap:
         return not _EMBEDDING_CLASS.search(type(root.get_submodule(name)).__name__)
 
     stages, members = [s for s in stages if not_embedding(s)], [m for m in members if not_embedding(m)]
+
+    def called(name: str) -> str:  # a ModuleList never runs (its owner iterates it): its last member's output it is
+        module = root.get_submodule(name)
+        while isinstance(module, nn.ModuleList) and len(module):
+            name = f"{name}.{len(module) - 1}"
+            module = module[-1]
+        return name
+
     blocks = []
     for member in members:
         for rel in _stage_blocks(root.get_submodule(member)):
@@ -415,7 +447,31 @@ def layer_map(model: nn.Module) -> LayerMap:
     def qualify(names: list[str]) -> list[str]:
         return [f"{prefix}.{n}" if prefix else n for n in names]
 
-    return LayerMap(stages=qualify(stages), blocks=qualify(blocks), source=source)
+    widths = {called(k): v for k, v in widths.items()}
+    stages = [called(s) for s in stages]
+    widths = dict(zip(qualify(list(widths)), widths.values()))
+    return LayerMap(stages=qualify(stages), blocks=qualify(blocks), source=source, widths=widths)
+
+
+def _config_widths(model: nn.Module, stages: list[str]) -> dict[str, int]:
+    """Stage widths from a transformers config: ``hidden_sizes`` (one per stage), else the ``hidden_size`` of an
+    isotropic model (one without ``depths`` / ``hidden_sizes`` / ``embed_dim``, whose stages all have that width)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", None) or config
+    sizes = getattr(config, "hidden_sizes", None)
+    if isinstance(sizes, (list, tuple)) and len(sizes) == len(stages) and all(isinstance(s, int) for s in sizes):
+        return dict(zip(stages, sizes))
+    size = getattr(config, "hidden_size", None)
+    hierarchical = any(getattr(config, k, None) is not None for k in ("depths", "hidden_sizes", "embed_dim"))
+    if isinstance(size, int) and not hierarchical:
+        return dict.fromkeys(stages, size)
+    return {}
+
+
+def layer_widths(model: nn.Module, names: Sequence[str]) -> dict[str, int]:
+    """The metadata's feature width of each of ``names`` that has one (stages; blocks that are stages)."""
+    widths = layer_map(model).widths
+    return {n: widths[n] for n in names if n in widths}
 
 
 def find_stages(model: nn.Module) -> list[str]:
@@ -544,15 +600,21 @@ def _module_widths(module: nn.Module) -> set[int]:
     return widths
 
 
-def feature_axis(module: nn.Module, x: torch.Tensor) -> int:
+def feature_axis(module: nn.Module, x: torch.Tensor, width: int | None = None) -> int:
     """The axis of ``x`` (a block output) that holds features; every other axis indexes samples.
 
-    ``(B, D)`` and token sequences ``(B, N, D)`` use the last axis. Maps of 4 or more dimensions are
-    channels-first ``(B, C, H, W)`` / ``(B, C, T, H, W)`` unless the block's widths (conv channels, linear
-    outputs, norm sizes) say the last axis is the feature axis (timm Swin's NHWC stages).
+    ``width`` (the metadata's feature width: timm ``feature_info`` channels, transformers ``hidden_sizes``) decides
+    when exactly one of axis 1 and the last axis has that size. Otherwise: ``(B, D)`` and token sequences
+    ``(B, N, D)`` use the last axis; maps of 4 or more dimensions are channels-first ``(B, C, H, W)`` /
+    ``(B, C, T, H, W)`` unless the block's widths (conv channels, linear outputs, norm sizes) say the last axis is
+    the feature axis (timm Swin's NHWC stages).
     """
     if x.dim() <= 2:
         return x.dim() - 1
+    if width is not None:
+        matches = [axis for axis in (1, x.dim() - 1) if x.shape[axis] == width]
+        if len(matches) == 1:
+            return matches[0]
     widths = _module_widths(module)
     last, first = x.shape[-1], x.shape[1]
     if x.dim() == 3:
@@ -584,21 +646,31 @@ class CapturedLayer:
     index: int
     module: nn.Module
     axis: int | None = None
+    width: int | None = None  # the metadata's feature width, when known (layer_map().widths)
 
 
-def _split_output(output) -> tuple[torch.Tensor | None, Callable]:
-    """The representation tensor inside a block's output and a function that puts a replacement back."""
+def _split_output(output, width: int | None = None) -> tuple[torch.Tensor | None, Callable]:
+    """The representation tensor inside a block's output and a function that puts a replacement back.
+
+    A tuple / list: its first tensor, or with ``width`` the first floating tensor with an axis 1 or last axis of
+    that size (timm TNT's ``(pixel_embed, patch_embed)``, CrossViT's two branches).
+    """
     if isinstance(output, torch.Tensor):
         return output, lambda new: new
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        index = 0
+        if width is not None:
+            index = next((i for i, t in enumerate(output) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                          and t.dim() >= 2 and width in (t.shape[1], t.shape[-1])), 0)
 
-        def put_first(new):
-            rest = list(output[1:])
+        def put(new):
+            items = list(output)
+            items[index] = new
             if isinstance(output, list):
-                return [new, *rest]
-            return (new, *rest) if type(output) is tuple else type(output)(new, *rest)  # namedtuple
+                return items
+            return tuple(items) if type(output) is tuple else type(output)(*items)  # namedtuple
 
-        return output[0], put_first
+        return output[index], put
     if isinstance(output, dict):
         for key, value in output.items():
             if isinstance(value, torch.Tensor):
@@ -626,6 +698,7 @@ class BlockCapture:
     model: nn.Module
     names: list[str]
     transform: Callable[[CapturedLayer, torch.Tensor], torch.Tensor]
+    widths: dict[str, int] | None = None  # metadata feature widths (layer_widths): which tensor, which axis
     layers: list[CapturedLayer] = field(init=False)
     _handles: list = field(init=False, default_factory=list)
     _active: bool = field(init=False, default=False)
@@ -633,7 +706,8 @@ class BlockCapture:
 
     def __post_init__(self):
         modules = dict(unwrap_model(self.model).named_modules())
-        self.layers = [CapturedLayer(name, i, modules[name]) for i, name in enumerate(self.names)]
+        widths = self.widths or {}
+        self.layers = [CapturedLayer(name, i, modules[name], width=widths.get(name)) for i, name in enumerate(self.names)]
 
     @property
     def installed(self) -> bool:
@@ -656,11 +730,11 @@ class BlockCapture:
             replay = not self._active and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
             if not (self._active or replay):
                 return None
-            tensor, put = _split_output(output)
+            tensor, put = _split_output(output, layer.width)
             if tensor is None or not tensor.is_floating_point():
                 return None
             if layer.axis is None:
-                layer.axis = feature_axis(module, tensor)
+                layer.axis = feature_axis(module, tensor, layer.width)
             self.replaying = replay
             try:
                 return put(self.transform(layer, tensor))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hf_vcreg.capture import _resolve, layer_map
+from hf_vcreg.capture import BlockCapture, _pixel_input, _resolve, layer_map
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
 
@@ -152,6 +152,10 @@ class Row:
     left_out: list[str] = field(default_factory=list)  # metadata entries not selected (stems, final convs)
     error: str | None = None  # why the model cannot be built here
     classes: dict[str, str] = field(default_factory=dict)  # selected module -> its class name
+    widths: dict[str, int] = field(default_factory=dict)  # the metadata's feature width per stage
+    matrices: dict[str, tuple[int, int]] = field(default_factory=dict)  # stage -> (rows, features) of a meta forward
+    width_mismatch: list[str] = field(default_factory=list)  # stages whose output has the width but not as features
+    forward_error: str | None = None  # why the meta-device forward did not run
 
 
 def timm_models() -> list[tuple[str, str]]:
@@ -181,8 +185,9 @@ def timm_row(family: str, name: str) -> Row:
         row.error = "no model picked for this family: run `python tests/_zoo.py --pick` and update TIMM_SMALLEST"
         return row
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(name, pretrained=False).eval()
     _fill(row, model)
+    _meta_forward(row, model, (torch.empty(2, *model.pretrained_cfg["input_size"], device="meta"),))
     names = dict(model.named_modules())
     for entry in getattr(model, "feature_info", []) or []:
         resolved = _resolve(entry["module"], names) if entry.get("module") else None
@@ -205,7 +210,13 @@ def hf_row(key: str, cls_name: str) -> Row:
     except ImportError as err:  # an optional dependency (Dinat: natten)
         row.error = str(err).strip().splitlines()[0]
         return row
+    model.eval()
     _fill(row, model)
+    spec = _pixel_input(model, model.config)
+    if spec is None:
+        row.forward_error = "its forward takes no pixel_values"
+    else:
+        _meta_forward(row, model, {spec[0]: torch.empty(spec[1], device="meta")})
     cfg = getattr(model.config, "vision_config", None) or model.config
     depths = getattr(cfg, "depths", None) or getattr(cfg, "num_hidden_layers", None)
     if isinstance(depths, (list, tuple)):
@@ -217,8 +228,39 @@ def hf_row(key: str, cls_name: str) -> Row:
 
 def _fill(row: Row, model: torch.nn.Module) -> None:
     found = layer_map(model)
-    row.source, row.stages, row.blocks = found.source, found.stages, found.blocks
+    row.source, row.stages, row.blocks, row.widths = found.source, found.stages, found.blocks, found.widths
     row.classes = {n: type(model.get_submodule(n)).__name__ for n in row.stages + row.blocks}
+
+
+def _meta_forward(row: Row, model: torch.nn.Module, inputs: dict | tuple) -> None:
+    """One meta-device forward: each stage's sample matrix ``(rows, features)``, and whether the features are the
+    metadata's width whenever the output holds a tensor of that width."""
+    raw: dict[str, list[tuple[int, ...]]] = {}
+
+    def record(layer, x):
+        z = x.movedim(layer.axis, -1)
+        row.matrices[layer.name] = (z.numel() // z.shape[-1], z.shape[-1])
+        return x
+
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: raw.__setitem__(n, [tuple(t.shape) for t in (out if isinstance(out, (tuple, list))
+                                                                             else [out]) if isinstance(t, torch.Tensor)]))
+        for n in row.stages]
+    capture = BlockCapture(model, row.stages, record, widths=row.widths)
+    capture.install()
+    try:
+        with torch.no_grad(), capture.active():
+            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    except Exception as err:  # noqa: BLE001 - recorded in the doc: data-dependent ops do not run on meta tensors
+        row.forward_error = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+    finally:
+        capture.remove()
+        for handle in handles:
+            handle.remove()
+    for name, width in row.widths.items():
+        has_width = any(len(shape) >= 2 and width in (shape[1], shape[-1]) for shape in raw.get(name, []))
+        if has_width and name in row.matrices and row.matrices[name][1] != width:
+            row.width_mismatch.append(f"{name}: {row.matrices[name][1]} features, metadata says {width}")
 
 
 def _covered(module: str, stages: list[str]) -> bool:
@@ -243,6 +285,7 @@ def problems(row: Row) -> list[str]:
         covered = [i for i, m in enumerate(row.metadata) if m not in row.left_out]
         middle = [m for i, m in enumerate(row.metadata) if m in row.left_out and covered and covered[0] < i < covered[-1]]
         out += [f"feature_info stage {m} is not selected" for m in middle]
+    out += [f"feature axis: {m}" for m in row.width_mismatch]
     return out
 
 
@@ -303,13 +346,17 @@ def render(rows: list[Row]) -> str:
         "traced on a meta-device twin of the model (else the class in `_can_record_outputs`), the embedding output "
         "left out; else (*structure*) the structural search of `hf_vcreg/capture.py` (repeated composite modules). "
         "The blocks of a stage are the members of its list of blocks (`blocks`, `layers`, a `Sequential` stage's "
-        "children); a stage with one block, or of plain layers (VGG), is its own block. A stem, patch embedding, "
+        "children); a stage with one block, or of plain layers (VGG), is its own block. A stage that is a `ModuleList` "
+        "(timm Twins, CoaT) never runs as a module: its last block stands for it. A stem, patch embedding, "
         "final norm or head is never selected by a keyword.",
         "",
         f"Checked by `tests/test_zoo.py` on timm {timm.__version__} and transformers {transformers.__version__}: "
         f"{len(timm_rows)} timm models (the smallest of each of the {len({r.family for r in timm_rows})} module "
         f"families, plus named ones) and {len(hf_rows)} transformers classes (every image and video "
-        "classification class), built on the meta device.",
+        "classification class), built on the meta device. Each runs one meta-device forward (shapes only) through "
+        "the hooks: the *features per stage* column is the `d` of each stage's `(n, d)` sample matrix, the axis "
+        "taken from the metadata's width where it gives one (timm `feature_info` channels, transformers "
+        "`hidden_sizes` / `hidden_size`), and from the tensor in a tuple output that has that width (timm TNT).",
         "",
     ]
     failed = [r for r in rows if r.error]
@@ -320,23 +367,37 @@ def render(rows: list[Row]) -> str:
     lines += [
         "## timm",
         "",
-        "| family | model | source | stages | blocks | stage names | feature_info entries left out |",
-        "|---|---|---|---|---|---|---|",
+        "| family | model | source | stages | blocks | stage names | features per stage | feature_info entries "
+        "left out |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in timm_rows:
         lines.append(f"| {r.family} | `{r.model}` | {r.source or '-'} | {len(r.stages)} | {len(r.blocks)} | "
-                     f"{_names(r.stages)} | {_names(r.left_out)} |")
+                     f"{_names(r.stages)} | {_features(r)} | {_names(r.left_out)} |")
     lines += [
         "",
         "## transformers",
         "",
-        "| model type | class | source | stages | blocks | stage names | block names |",
-        "|---|---|---|---|---|---|---|",
+        "| model type | class | source | stages | blocks | stage names | block names | features per stage |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in hf_rows:
         lines.append(f"| {r.family} | `{r.model}` | {r.source or '-'} | {len(r.stages)} | {len(r.blocks)} | "
-                     f"{_names(r.stages, 3)} | {_names(r.blocks, 3)} |")
+                     f"{_names(r.stages, 3)} | {_names(r.blocks, 3)} | {_features(r)} |")
+    no_forward = [r for r in rows if r.forward_error and not r.error]
+    if no_forward:
+        lines += ["", "Selected but not run on the meta device (no features column; the selection above still holds):",
+                  ""]
+        lines += [f"* {r.library} `{r.model}`: {r.forward_error}" for r in no_forward]
     return "\n".join(lines) + "\n"
+
+
+def _features(row: Row, limit: int = 6) -> str:
+    """The feature width ``d`` of each stage's ``(n, d)`` sample matrix in a meta-device forward."""
+    if not row.matrices:
+        return "-"
+    ds = [str(row.matrices[s][1]) if s in row.matrices else "?" for s in row.stages]
+    return ", ".join(ds[:limit]) + (", ..." if len(ds) > limit else "")
 
 
 def pick() -> dict[str, str]:

@@ -45,14 +45,21 @@ def test_timm_zoo_selections_have_no_stem_or_head_and_cover_every_feature_level(
         assert by_model[name].stages == [f"stages.{i}" for i in range(4)], name
     assert by_model["levit_128s"].stages == ["stages.0", "stages.1", "stages.2"]
     assert by_model["halonet26t"].stages == ["stages.0", "stages.1", "stages.2"]  # stage 3 is timm's final_conv
-    assert by_model["twins_svt_small"].stages == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    # stages that are ModuleLists never run as modules: their last block's output is the stage's
+    assert by_model["twins_svt_small"].stages == ["blocks.0.1", "blocks.1.1", "blocks.2.9", "blocks.3.3"]
     assert by_model["visformer_tiny"].stages == ["stage1", "stage2", "stage3"]
-    assert by_model["coat_tiny"].stages[0] == "serial_blocks1"
+    assert by_model["coat_lite_tiny"].stages == [f"serial_blocks{i}.1" for i in range(1, 5)]
     assert by_model["legacy_xception"].stages == ["block2.rep.0", "block3.rep.0", "block12.rep.0"]
     # the stems and final layers feature_info lists are what was left out
     assert by_model["resnet18"].left_out == ["act1"] and by_model["fastvit_t8"].left_out == []
     assert by_model["cs3darknet_focus_s"].left_out == ["stem.conv1"]
     assert by_model["densenet121"].left_out == ["features.norm0", "features.norm5"]
+    # a meta-device forward through the hooks: every stage's output became an (n, d) matrix of the metadata's width
+    assert [r.model for r in rows if r.forward_error or set(r.matrices) != set(r.stages)] == []
+    assert by_model["resnet18"].matrices == {"layer1": (6272, 64), "layer2": (1568, 128), "layer3": (392, 256),
+                                             "layer4": (98, 512)}
+    assert by_model["swin_tiny_patch4_window7_224"].matrices["layers.0"] == (2 * 56 * 56, 96)  # NHWC
+    assert by_model["tnt_s_legacy_patch16_224"].matrices["blocks.0"] == (2 * 197, 384)  # (pixel, patch) tuple
 
 
 def test_transformers_zoo_covers_every_image_and_video_classification_class():
@@ -66,6 +73,14 @@ def test_transformers_zoo_covers_every_image_and_video_classification_class():
     assert all(dep in unbuildable[m] for m, dep in expected.items())
     assert {r.model: _zoo.problems(r) for r in rows if _zoo.problems(r)} == {}
     by_model = {r.model: r for r in rows}
+    no_forward = {r.model for r in rows if r.forward_error and not r.error}  # listed in docs/architectures.md
+    assert no_forward == {"ImageGPTForImageClassification", "ShieldGemma2ForImageClassification",
+                          "Siglip2ForImageClassification", "PerceiverForImageClassificationLearned",
+                          "PerceiverForImageClassificationFourier", "PerceiverForImageClassificationConvProcessing"}
+    assert by_model["ViTForImageClassification"].matrices["vit.layers.0"] == (2 * 197, 768)  # class token + 196
+    assert by_model["SwinForImageClassification"].matrices["swin.encoder.layers.0"] == (2 * 28 * 28, 192)
+    assert by_model["ConvNextForImageClassification"].matrices["convnext.encoder.stages.0"] == (2 * 56 * 56, 96)
+    assert by_model["VideoMAEForVideoClassification"].matrices["videomae.encoder.layer.0"] == (2 * 1568, 768)
     # stages from hidden_states: as many as the config's depths / layers where the hidden states are the stages
     for name in ("ResNetForImageClassification", "SwinForImageClassification", "ConvNextForImageClassification",
                  "ViTForImageClassification", "BeitForImageClassification", "HGNetV2ForImageClassification",
