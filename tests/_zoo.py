@@ -208,7 +208,7 @@ def hf_row(key: str, cls_name: str) -> Row:
         with torch.device("meta"):
             model = cls(config)
     except ImportError as err:  # an optional dependency (Dinat: natten)
-        row.error = str(err).strip().splitlines()[0]
+        row.error = str(err).strip().splitlines()[0].split(". ")[0] + "."
         return row
     model.eval()
     _fill(row, model)
