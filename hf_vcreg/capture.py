@@ -29,6 +29,7 @@ The stages found either way are ``vcreg_layers="stages"``; the blocks inside the
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -396,9 +397,26 @@ def layer_map(model: nn.Module) -> LayerMap:
     * anything else: the structural search of the module docstring.
 
     Blocks are the blocks inside each stage (:func:`_stage_blocks`); a stage without blocks is its own block.
-    Stems, patch embeddings, final norms and heads are never selected.
+    Stems, patch embeddings, final norms and heads are never selected. The result is cached per model while its
+    module tree is unchanged (the trainer asks three times: family, selection, widths).
     """
     model = unwrap_model(model)
+    signature = tuple((name, id(module)) for name, module in model.named_modules())
+    cached = _LAYER_MAPS.get(model)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    result = _layer_map(model)
+    try:
+        _LAYER_MAPS[model] = (signature, result)
+    except TypeError:  # pragma: no cover - a module that cannot be weakly referenced
+        pass
+    return result
+
+
+_LAYER_MAPS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, LayerMap]]" = weakref.WeakKeyDictionary()
+
+
+def _layer_map(model: nn.Module) -> LayerMap:
     found = None
     widths: dict[str, int] = {}
     for prefix, module in model.named_modules():
@@ -476,7 +494,7 @@ def layer_widths(model: nn.Module, names: Sequence[str]) -> dict[str, int]:
 
 def find_stages(model: nn.Module) -> list[str]:
     """Qualified names of the model's stages (feature levels / hidden-state layers), see :func:`layer_map`."""
-    return layer_map(model).stages
+    return list(layer_map(model).stages)
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -485,7 +503,7 @@ def find_blocks(model: nn.Module) -> list[str]:
     Returns an empty list when nothing block-like exists (e.g. a flat ``nn.Sequential`` of layers); callers
     then ask the user for explicit patterns.
     """
-    return layer_map(model).blocks
+    return list(layer_map(model).blocks)
 
 
 def _candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
@@ -545,7 +563,7 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] = "blocks") -> l
     if len(patterns) == 1 and patterns[0] in KEYWORDS:
         keyword = patterns[0]
         found = layer_map(model)
-        names = found.stages if keyword == "stages" else found.blocks
+        names = list(found.stages if keyword == "stages" else found.blocks)  # a copy: the map is cached
         if not names:
             raise ValueError(
                 f"vcreg_layers={layers!r}: no blocks were detected in {type(model).__name__} (no list of repeated "
