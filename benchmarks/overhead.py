@@ -10,9 +10,11 @@ with ``torch.cuda.max_memory_allocated``, on CPU from the profiler's allocation 
 peak of a step, plus the bytes alive before it: parameters, optimizer state, batch).
 
 VCReg runs with the library's defaults (``VCRegConfig()``: every block, alpha/beta from ``VCREG_DEFAULTS``,
-all rows unless ``vcreg_max_rows`` defaults otherwise), once per implementation (``gradient``, ``loss``). Since
-issue 13 "every block" of a CNN means the residual blocks inside its stages (ResNet-18: 8 layers, ``layer1.0`` ...
-``layer4.1``), not the 4 stages that the results measured before it regularised (``vcreg_layers="stages"``).
+all rows unless ``vcreg_max_rows`` defaults otherwise), once per implementation (``gradient``, ``loss``).
+
+Since issue 13 "every block" of a CNN means the residual blocks inside its stages (ResNet-18: 8 layers,
+``layer1.0`` ... ``layer4.1``), not the 4 stages that the results measured before it regularised
+(``vcreg_layers="stages"``).
 
 Usage::
 

@@ -13,8 +13,6 @@ from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-from .capture import KEYWORDS, split_patterns
-
 __all__ = ["RECOMMENDED", "VCRegConfig", "VCREG_DEFAULTS"]
 
 RECOMMENDED: dict[str, dict[str, Any]] = {
@@ -161,6 +159,8 @@ class VCRegConfig(TrainingArguments):
             if type(getattr(self, name)) is not bool:
                 raise bad(name, "use a bool: true or false (True / False in Python); strings such as 'false', "
                           "numbers such as 0 and numpy bools are refused.")
+        from .capture import KEYWORDS, split_patterns  # capture imports torch only; kept local to this check
+
         layers = self.vcreg_layers
         if isinstance(layers, (list, tuple)) and len(layers) == 1:  # the command line's one value: as from Python
             layers = self.vcreg_layers = layers[0]
