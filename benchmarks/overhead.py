@@ -12,6 +12,10 @@ peak of a step, plus the bytes alive before it: parameters, optimizer state, bat
 VCReg runs with the library's defaults (``VCRegConfig()``: every block, alpha/beta recommended for the model's family,
 all rows unless ``vcreg_max_rows`` defaults otherwise), once per implementation (``gradient``, ``loss``).
 
+Since issue 13 "every block" of a CNN means the residual blocks inside its stages (ResNet-18: 8 layers,
+``layer1.0`` ... ``layer4.1``), not the 4 stages that the results measured before it regularised
+(``vcreg_layers="stages"``).
+
 Usage::
 
     python benchmarks/overhead.py --preset cpu            # small ViT + ResNet-18, 32x32, batch 64, fp32

@@ -71,11 +71,14 @@ class VCRegConfig(TrainingArguments):
             "|c| <= delta, 2 delta |c| - delta^2 beyond. Unset: plain c^2. > 0."
         },
     )
-    vcreg_layers: str = field(
-        default="blocks",
+    vcreg_layers: list[str] | str = field(
+        default_factory=lambda: "blocks",
         metadata={
-            "help": "Which module outputs to regularise: 'blocks' (every block, found structurally), 'last' (the "
-            "final block only), or comma-separated regular expressions matched in full against module names."
+            "help": "Which module outputs to regularise: 'blocks' (every residual / transformer block inside the "
+            "stages, found from timm feature_info or transformers hidden_states), 'stages' (every stage / feature "
+            "level), 'last' (the final block only), or regular expressions matched in full against module names: "
+            "several after the flag (--vcreg_layers 'layer1\\.\\d+' 'layer4'), a list in JSON / Python, or one string "
+            "split at its top-level commas (a comma inside {}, [] or () stays in the pattern). See docs/architectures.md."
         },
     )
     vcreg_layer_reduction: Literal["mean", "sum"] = field(
@@ -151,17 +154,30 @@ class VCRegConfig(TrainingArguments):
             if type(getattr(self, name)) is not bool:
                 raise bad(name, "use a bool: true or false (True / False in Python); strings such as 'false', "
                           "numbers such as 0 and numpy bools are refused.")
-        if not isinstance(self.vcreg_layers, str) or not self.vcreg_layers.strip(", "):
-            raise bad("vcreg_layers", "use 'blocks', 'last' or comma-separated module-name regular expressions.")
-        if self.vcreg_layers not in ("blocks", "last"):  # patterns: compile now; matching needs the model (trainer)
-            for pattern in (p.strip() for p in self.vcreg_layers.split(",") if p.strip()):
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise bad(
-                        "vcreg_layers", f"{pattern!r} is not a valid regular expression ({err}); escape literal dots "
-                        "and brackets, e.g. 'vit\\.layers\\.(3|7)'."
-                    ) from err
+        from .capture import KEYWORDS, split_patterns  # capture imports torch only; kept local to this check
+
+        layers = self.vcreg_layers
+        if isinstance(layers, (list, tuple)) and len(layers) == 1:  # the command line's one value: as from Python
+            layers = self.vcreg_layers = layers[0]
+        elif isinstance(layers, tuple):
+            layers = self.vcreg_layers = list(layers)
+        entries = [layers] if isinstance(layers, str) else layers if isinstance(layers, list) else [None]
+        patterns = split_patterns(layers) if all(isinstance(e, str) and split_patterns(e) for e in entries) else []
+        if not patterns:
+            raise bad("vcreg_layers", "use 'blocks', 'stages', 'last', a list of module-name regular expressions, or "
+                      "one string of comma-separated regular expressions (every entry a non-empty string).")
+        keywords = [p for p in patterns if p in KEYWORDS]
+        if keywords and len(patterns) > 1:
+            raise bad("vcreg_layers", f"the keyword {keywords[0]!r} cannot be combined with other entries: use it "
+                      "alone, or name every module with regular expressions.")
+        for pattern in patterns if not keywords else []:  # compile now; matching needs the model (trainer)
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise bad(
+                    "vcreg_layers", f"{pattern!r} is not a valid regular expression ({err}); escape literal dots "
+                    "and brackets, e.g. 'vit\\.layers\\.(3|7)'."
+                ) from err
 
     @property
     def vcreg_enabled(self) -> bool:

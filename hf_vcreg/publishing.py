@@ -241,8 +241,12 @@ def _fmt(value: Any, exact: bool = True) -> str:
     ``True``, ``False``. Anything else (strings): its text in a code span, which keeps backslashes literal, with
     every ``|`` escaped as ``\\|`` (GFM splits rows on unescaped pipes, even inside code spans, and renders
     ``\\|`` as ``|``); a longer backtick fence and padding spaces when the text holds backticks or is wrapped in
-    spaces, as GFM's code spans need. Reading back: un-fence, then replace every ``\\|`` by ``|``.
+    spaces, as GFM's code spans need. Reading back: un-fence, then replace every ``\\|`` by ``|``. Lists (a
+    ``vcreg_layers`` list of patterns): the entries joined by ``", "``, which :func:`hf_vcreg.capture.split_patterns`
+    splits back into the same list (it splits at top-level commas only).
     """
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(v) for v in value)
     if isinstance(value, float):
         return repr(float(value)) if exact else f"{value:.6g}"  # float(): numpy's repr is "np.float64(...)"
     if value is None or isinstance(value, int):  # bools too

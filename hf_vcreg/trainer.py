@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 
-from .capture import BlockCapture, CapturedLayer, sample_rows, select_layers, unwrap_model
+from .capture import BlockCapture, CapturedLayer, layer_widths, sample_rows, select_layers, unwrap_model
 from .checkpointing import AtomicCheckpointMixin, last_complete_checkpoint
 from .config import VCRegConfig
 from .distributed import check_equal_batch_counts, kept_copies, metrics_group, resolve_group, weighted_means
@@ -163,7 +163,8 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
                 weight=weight,
                 grad_multiplier=float(world) if args.vcreg_implementation == "gradient" else 1.0,
             )
-            self._vcreg_capture = BlockCapture(base, self.vcreg_layer_names, self._vcreg_transform)
+            widths = layer_widths(base, self.vcreg_layer_names)  # metadata: which tensor of a tuple, which axis
+            self._vcreg_capture = BlockCapture(base, self.vcreg_layer_names, self._vcreg_transform, widths=widths)
             if not monitor:  # without a gradient, a block run without autograd loses nothing
                 self._check_gradient_checkpointing(args)
         logger.info(self._vcreg_summary())

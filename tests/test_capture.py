@@ -7,9 +7,18 @@ import torch
 from torch import nn
 
 from _tiny_models import build, example_input
-from hf_vcreg.capture import BlockCapture, feature_axis, find_blocks, sample_rows, select_layers
+from hf_vcreg.capture import (
+    BlockCapture,
+    feature_axis,
+    find_blocks,
+    find_stages,
+    sample_rows,
+    select_layers,
+    split_patterns,
+)
 
-# name -> (blocks, [(n rows, d features) per block for a batch of 2])
+# name -> (stages, [(n rows, d features) per stage for a batch of 2]). The stages come from the libraries' metadata:
+# transformers' hidden_states (traced on a meta-device twin), timm's feature_info (stem entries left out).
 CAPTURE_TABLE = {
     "hf_vit": (["vit.layers.0", "vit.layers.1"], [(34, 32), (34, 32)]),
     "hf_deit": (["deit.layers.0", "deit.layers.1"], [(36, 32), (36, 32)]),
@@ -23,15 +32,29 @@ CAPTURE_TABLE = {
     "timm_vit": (["blocks.0", "blocks.1"], [(34, 32), (34, 32)]),
     "timm_resnet": (["layer1", "layer2", "layer3", "layer4"], [(128, 64), (32, 128), (8, 256), (2, 512)]),
     "timm_convnext": (["stages.0", "stages.1", "stages.2", "stages.3"], [(128, 40), (32, 80), (8, 160), (2, 320)]),
-    "timm_efficientnet": (
-        [f"blocks.{i}" for i in range(7)],
-        [(512, 16), (128, 24), (32, 40), (8, 80), (8, 112), (2, 192), (2, 320)],
+    "timm_efficientnet": (  # feature_info lists the last block group of each resolution
+        ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"],
+        [(512, 16), (128, 24), (32, 40), (8, 112), (2, 320)],
     ),
     "timm_regnet": (["s1", "s2", "s3", "s4"], [(128, 24), (32, 56), (8, 152), (2, 368)]),
     "timm_wrapper": (
         ["timm_model.layer1", "timm_model.layer2", "timm_model.layer3", "timm_model.layer4"],
         [(128, 64), (32, 128), (8, 256), (2, 512)],
     ),
+}
+
+# name -> blocks (vcreg_layers="blocks", the default): the blocks inside the stages above. ViTs: the same modules.
+BLOCK_TABLE = {
+    "hf_vit": ["vit.layers.0", "vit.layers.1"],
+    "hf_swin": ["swin.encoder.layers.0.blocks.0", "swin.encoder.layers.1.blocks.0"],
+    "hf_resnet": ["resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0"],
+    "timm_vit": ["blocks.0", "blocks.1"],
+    "timm_resnet": [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)],
+    "timm_convnext": [f"stages.{s}.blocks.{b}" for s, depth in enumerate((2, 2, 6, 2)) for b in range(depth)],
+    "timm_efficientnet": ["blocks.0"] + [f"blocks.{s}.{b}" for s, depth in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 4))
+                                         for b in range(depth)] + ["blocks.6"],
+    "timm_regnet": ["s1", "s2"] + [f"s3.b{i}" for i in range(1, 5)] + [f"s4.b{i}" for i in range(1, 8)],
+    "timm_wrapper": [f"timm_model.layer{s}.{b}" for s in range(1, 5) for b in range(2)],
 }
 
 
@@ -41,11 +64,7 @@ def _forward(name, model, x):
     return model(x)
 
 
-@pytest.mark.parametrize("name", sorted(CAPTURE_TABLE))
-def test_capture_table(name):
-    blocks, shapes = CAPTURE_TABLE[name]
-    model = build(name).eval()
-    assert find_blocks(model) == blocks
+def _shapes(name, model, names):
     seen = {}
 
     def record(layer, x):
@@ -53,13 +72,44 @@ def test_capture_table(name):
         seen[layer.name] = (z.numel() // z.shape[-1], z.shape[-1])
         return x
 
-    capture = BlockCapture(model, blocks, record)
+    capture = BlockCapture(model, names, record)
     capture.install()
     with torch.no_grad(), capture.active():
         _forward(name, model, example_input(name))
     capture.remove()
-    assert [seen[b] for b in blocks] == shapes
     assert all(not m._forward_hooks for m in model.modules())
+    return [seen[n] for n in names]
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURE_TABLE))
+def test_capture_table(name):
+    stages, shapes = CAPTURE_TABLE[name]
+    model = build(name).eval()
+    assert find_stages(model) == stages
+    assert select_layers(model, "stages") == stages
+    assert _shapes(name, model, stages) == shapes
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_TABLE))
+def test_blocks_are_the_blocks_inside_the_stages(name):
+    model = build(name).eval()
+    blocks = find_blocks(model)
+    assert blocks == BLOCK_TABLE[name]
+    assert select_layers(model, "blocks") == blocks and select_layers(model, "last") == blocks[-1:]
+    stages = find_stages(model)
+    # every block lies in a stage, except EfficientNet's block groups 3 and 5 that feature_info does not list
+    outside = [b for b in blocks if not any(b == s or b.startswith(s + ".") for s in stages)]
+    assert outside == ([f"blocks.{s}.{b}" for s, d in ((3, 3), (5, 4)) for b in range(d)] if name == "timm_efficientnet" else [])
+    # every block's output is a sample matrix of its stage's width (the stage's last block is the stage's output;
+    # transformers' Swin stage 0 ends with its patch merging: 4x fewer tokens, twice the width)
+    if name == "hf_swin":
+        assert _shapes(name, model, blocks) == [(512, 16), (128, 32)]
+        return
+    widths = dict(zip(stages, (d for _, d in CAPTURE_TABLE.get(name, (stages, [(0, 0)] * len(stages)))[1])))
+    block_shapes = _shapes(name, model, blocks)
+    for stage, width in widths.items():
+        inside = [shape for b, shape in zip(blocks, block_shapes) if b == stage or b.startswith(stage + ".")]
+        assert inside and inside[-1][1] == width, (stage, inside)
 
 
 def test_timm_swin_nhwc_stages_use_the_last_axis():
@@ -69,7 +119,7 @@ def test_timm_swin_nhwc_stages_use_the_last_axis():
         "swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1), num_heads=(2, 4), embed_dim=16, window_size=7
     )
     out = {}
-    capture = BlockCapture(model, find_blocks(model), lambda layer, x: out.setdefault(layer.name, (x.shape, layer.axis)) and x)
+    capture = BlockCapture(model, find_stages(model), lambda layer, x: out.setdefault(layer.name, (x.shape, layer.axis)) and x)
     capture.install()
     with torch.no_grad(), capture.active():
         model(torch.randn(2, 3, 56, 56))
@@ -129,3 +179,40 @@ def test_sample_rows_is_seeded_sorted_and_capped():
     assert torch.equal(a, a.sort().values) and a.unique().numel() == 100
     assert sample_rows(50, 100, seed=7, device=torch.device("cpu")) is None
     assert sample_rows(50, None, seed=7, device=torch.device("cpu")) is None
+
+
+def test_patterns_with_commas_inside_quantifiers_and_groups_stay_whole():
+    assert split_patterns(r"vit\.layers\.[0-9]{1,2}") == [r"vit\.layers\.[0-9]{1,2}"]
+    assert split_patterns(r"a{1,2}, (b|c),[d,e] ,f\,g") == ["a{1,2}", "(b|c)", "[d,e]", r"f\,g"]
+    assert split_patterns([r"x\.\d{1,2}, y", "z"]) == [r"x\.\d{1,2}", "y", "z"]
+    model = build("hf_vit")
+    assert select_layers(model, r"vit\.layers\.[0-9]{1,2}") == ["vit.layers.0", "vit.layers.1"]
+    assert select_layers(model, [r"vit\.layers\.[0-9]{1,2}", "vit.layernorm"]) == [
+        "vit.layers.0", "vit.layers.1", "vit.layernorm"]
+
+
+def test_stages_and_last_keywords():
+    model = build("timm_resnet")
+    assert select_layers(model, "stages") == ["layer1", "layer2", "layer3", "layer4"]
+    assert select_layers(model, ["stages"]) == select_layers(model, "stages")
+    assert select_layers(model, "last") == ["layer4.1"]
+    with pytest.raises(ValueError, match=r"the keyword 'blocks' cannot be combined with patterns"):
+        select_layers(model, ["blocks", r"layer1"])
+
+
+def test_structural_fallback_leaves_out_stems_and_heads():
+    class Net(nn.Module):  # a bare nn.Module: no library metadata
+        def __init__(self):
+            super().__init__()
+            block = lambda c: nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())  # noqa: E731
+            self.stem = nn.Sequential(block(4), block(4))
+            self.body = nn.Sequential(block(4), block(4), block(4))
+            self.head = nn.Linear(4, 2)
+
+    from hf_vcreg.capture import layer_map
+
+    found = layer_map(Net())
+    assert found.source == "structure"
+    # stem and body: sibling Sequentials of one class, found as stages; the stem is left out by name
+    assert found.stages == ["body"]
+    assert found.blocks == ["body.0", "body.1", "body.2"]

@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 from _kill_train import config, max_weight_diff, trainer, weights
+from _tiny_models import build
 from torch import nn
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -37,8 +38,9 @@ INVALID = [
     ("vcreg_max_rows", 1, r"integer >= 2"),
     ("vcreg_max_rows", 0, r"integer >= 2"),
     ("vcreg_max_rows", -5, r"integer >= 2"),
-    ("vcreg_layers", "", r"'blocks', 'last' or comma-separated"),
-    ("vcreg_layers", " , ", r"'blocks', 'last' or comma-separated"),
+    ("vcreg_layers", "", r"'blocks', 'stages', 'last', a list of module-name regular expressions"),
+    ("vcreg_layers", " , ", r"'blocks', 'stages', 'last', a list of module-name regular expressions"),
+    ("vcreg_layers", "blocks, layer1", r"the keyword 'blocks' cannot be combined with other entries"),
     ("vcreg_layers", r"vit\.layers\.(3", r"not a valid regular expression.*escape"),
     ("vcreg_layers", r"blocks\.[0", r"not a valid regular expression.*escape"),
     ("vcreg_layers", r"a, *b", r"'\*b' is not a valid regular expression"),
@@ -52,7 +54,9 @@ INVALID_TYPES = [
     ("vcreg_delta", "0.5", r"finite number > 0"),
     ("vcreg_max_rows", 2.5, r"integer >= 2"),
     ("vcreg_max_rows", True, r"integer >= 2"),
-    ("vcreg_layers", 3, r"'blocks', 'last'"),
+    ("vcreg_layers", 3, r"'blocks', 'stages', 'last'"),
+    ("vcreg_layers", ["layer1", 3], r"every entry a non-empty string"),
+    ("vcreg_layers", ["layer1", ""], r"every entry a non-empty string"),
     ("vcreg_distributed_stats", "false", r"use a bool: true or false"),  # truthy: would turn the all-reduce on
     ("vcreg_distributed_stats", 0, r"use a bool: true or false"),
     ("vcreg_distributed_stats", None, r"use a bool: true or false"),
@@ -259,3 +263,29 @@ def test_recommended_defaults_are_the_committed_selection():
         chosen = families[source]
         assert {k: RECOMMENDED[family][k] for k in ("vcreg_alpha", "vcreg_beta")} == {
             "vcreg_alpha": chosen["vcreg_alpha"], "vcreg_beta": chosen["vcreg_beta"]}, family
+
+
+def test_layer_patterns_pass_as_a_list_from_python_the_command_line_and_json(tmp_path):
+    """Quantifiers with commas stay whole; several patterns arrive as a list; the config still serialises."""
+    import pickle
+
+    patterns = [r"vit\.layers\.[0-9]{1,2}", r"vit\.layernorm"]
+    direct = VCRegConfig(output_dir=str(tmp_path), vcreg_layers=patterns)
+    (cli,) = HfArgumentParser(VCRegConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--vcreg_layers", *patterns])
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path), "vcreg_layers": patterns}))
+    (from_json,) = HfArgumentParser(VCRegConfig).parse_json_file(str(path))
+    assert direct.vcreg_layers == cli.vcreg_layers == from_json.vcreg_layers == patterns
+    (one,) = HfArgumentParser(VCRegConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--vcreg_layers", patterns[0]])
+    assert one.vcreg_layers == patterns[0]  # one value: the same string as from Python
+    (default,) = HfArgumentParser(VCRegConfig).parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
+    assert default.vcreg_layers == "blocks" == VCRegConfig(output_dir=str(tmp_path)).vcreg_layers
+    assert json.loads(direct.to_json_string())["vcreg_layers"] == patterns
+    assert pickle.loads(pickle.dumps(direct)).vcreg_layers == patterns
+    model = build("hf_vit")
+    t = VCRegTrainer(model=model, args=config(tmp_path / "t", vcreg_layers=patterns, max_steps=1))
+    assert t.vcreg_layer_names == ["vit.layers.0", "vit.layers.1", "vit.layernorm"]
+    t = VCRegTrainer(model=model, args=config(tmp_path / "s", vcreg_layers=r"vit\.layers\.[0-9]{1,2}", max_steps=1))
+    assert t.vcreg_layer_names == ["vit.layers.0", "vit.layers.1"]
