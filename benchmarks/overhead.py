@@ -47,6 +47,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_vcreg import VCRegConfig, VCRegTrainer
 from hf_vcreg.capture import select_layers
+from hf_vcreg.family import model_family
 from hf_vcreg.penalty import scratch_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -245,7 +246,7 @@ def measure_model(name: str, opts: dict, implementations: list[str], seed: int, 
     out = {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "regularised_layers": len(select_layers(model, vc_args.vcreg_layers)),
+        "regularised_layers": len(select_layers(model, vc_args.vcreg_dict(model_family(model))["vcreg_layers"])),
         "plain": {"median_ms": plain_ms, "peak_bytes": peaks["plain"]},
     }
     aa = sorted(t["plain_again"] / t["plain"] for t in per_round)

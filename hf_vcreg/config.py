@@ -16,8 +16,8 @@ from transformers import TrainingArguments
 __all__ = ["RECOMMENDED", "VCRegConfig"]
 
 RECOMMENDED: dict[str, dict[str, Any]] = {
-    "cnn": {"vcreg_alpha": 1.0, "vcreg_beta": 10.0},
-    "transformer": {"vcreg_alpha": 0.01, "vcreg_beta": 0.1},
+    "cnn": {"vcreg_alpha": 1.0, "vcreg_beta": 10.0, "vcreg_layers": "blocks"},
+    "transformer": {"vcreg_alpha": 0.01, "vcreg_beta": 0.1, "vcreg_layers": "blocks"},
 }
 """Recommended ``vcreg_*`` values per model family (:func:`hf_vcreg.family.model_family`: ``"cnn"`` or
 ``"transformer"``). A field listed here defaults to ``None`` in :class:`VCRegConfig`, which means "this table's
@@ -71,10 +71,12 @@ class VCRegConfig(TrainingArguments):
             "|c| <= delta, 2 delta |c| - delta^2 beyond. Unset: plain c^2. > 0."
         },
     )
+    # None: the family's RECOMMENDED value (the annotation leaves None out: HfArgumentParser then gives nargs).
     vcreg_layers: list[str] | str = field(
-        default_factory=lambda: "blocks",
+        default=None,
         metadata={
-            "help": "Which module outputs to regularise: 'blocks' (every residual / transformer block inside the "
+            "help": "Unset: the recommended placement for the model's family (hf_vcreg.config.RECOMMENDED). "
+            "Which module outputs to regularise: 'blocks' (every residual / transformer block inside the "
             "stages, found from timm feature_info or transformers hidden_states), 'stages' (every stage / feature "
             "level), 'last' (the final block only), or regular expressions matched in full against module names: "
             "several after the flag (--vcreg_layers 'layer1\\.\\d+' 'layer4'), a list in JSON / Python, or one string "
@@ -157,6 +159,8 @@ class VCRegConfig(TrainingArguments):
         from .capture import KEYWORDS, split_patterns  # capture imports torch only; kept local to this check
 
         layers = self.vcreg_layers
+        if layers is None:  # the family's recommended placement, resolved by the trainer
+            return
         if isinstance(layers, (list, tuple)) and len(layers) == 1:  # the command line's one value: as from Python
             layers = self.vcreg_layers = layers[0]
         elif isinstance(layers, tuple):

@@ -354,7 +354,7 @@ def render_model_card(
 
 
 def vcreg_sources(args: Any, family: str | None, recommended: list[str]) -> str:
-    """Where ``vcreg_alpha`` / ``vcreg_beta`` came from, as a sentence for the card.
+    """Where ``vcreg_alpha`` / ``vcreg_beta`` / ``vcreg_layers`` came from, as a sentence for the card.
 
     Each is "recommended for <family> models" (left unset: :data:`hf_vcreg.config.RECOMMENDED`) or "set by the
     user"; a monitor-only run (``vcreg_monitor_only``) applied neither, which the sentence says instead.
@@ -362,8 +362,8 @@ def vcreg_sources(args: Any, family: str | None, recommended: list[str]) -> str:
     if getattr(args, "vcreg_monitor_only", False):
         return "Monitor-only run (`vcreg_monitor_only`): `vcreg_alpha` and `vcreg_beta` were not applied."
     parts = [f"`{name}` " + (f"recommended for {family} models (hf_vcreg's per-family default)" if name in recommended
-                             else "set by the user") for name in ("vcreg_alpha", "vcreg_beta")]
-    return "Coefficients: " + "; ".join(parts) + "."
+                             else "set by the user") for name in ("vcreg_alpha", "vcreg_beta", "vcreg_layers")]
+    return "Settings: " + "; ".join(parts) + "."
 
 
 def model_card_from_trainer(trainer: Any, repo_id: str | None = None, **kwargs: Any) -> ModelCard:

@@ -150,7 +150,7 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         self.vcreg_layer_names: list[str] = []
         self._vcreg_capture = self._vcreg_group = None
         if monitor or alpha > 0 or beta > 0:
-            self.vcreg_layer_names = select_layers(base, args.vcreg_layers)
+            self.vcreg_layer_names = select_layers(base, self.vcreg_resolved["vcreg_layers"])
             self._vcreg_group = self._resolve_group(args)
             world = dist.get_world_size(self._vcreg_group) if self._vcreg_group is not None else 1
             weight = 1.0 / len(self.vcreg_layer_names) if args.vcreg_layer_reduction == "mean" else 1.0
@@ -175,16 +175,18 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         if self.args.vcreg_monitor_only:
             return (f"VCReg monitor-only for a {family} model: logging vcreg/variance and vcreg/covariance of "
                     f"{len(self.vcreg_layer_names)} layers without a penalty (vcreg_alpha / vcreg_beta are not applied).")
-        values = ", ".join(f"{k.removeprefix('vcreg_')}={resolved[k]!r}" for k in ("vcreg_alpha", "vcreg_beta"))
+        keys = ("vcreg_alpha", "vcreg_beta", "vcreg_layers")
+        values = ", ".join(f"{k.removeprefix('vcreg_')}={resolved[k]!r}" for k in keys)
         if not self.vcreg_layer_names:
-            return f"VCReg off for a {family} model ({values}): plain training, no hooks."
-        if len(recommended) == 2:
-            return (f"VCReg defaults for a {family} model: {values} (recommended; set vcreg_alpha / vcreg_beta to "
-                    "override).")
+            coefficients = ", ".join(f"{k.removeprefix('vcreg_')}={resolved[k]!r}" for k in keys[:2])
+            return f"VCReg off for a {family} model ({coefficients}): plain training, no hooks."
+        if len(recommended) == len(keys):
+            return (f"VCReg defaults for a {family} model: {values} (recommended; set vcreg_alpha / vcreg_beta / "
+                    "vcreg_layers to override).")
         values = ", ".join(
             f"{k.removeprefix('vcreg_')}={resolved[k]!r} "
             + (f"(recommended for {family}; set {k} to override)" if k in recommended else "(set by the user)")
-            for k in ("vcreg_alpha", "vcreg_beta")
+            for k in keys
         )
         return f"VCReg for a {family} model: {values}."
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from _tiny_models import BUILDERS, build
 from hf_vcreg import VCRegConfig, VCRegTrainer
+from hf_vcreg.capture import select_layers
 from hf_vcreg.config import RECOMMENDED
 from hf_vcreg.family import FAMILIES, is_attention, model_family
 
@@ -98,7 +99,8 @@ def test_unset_coefficients_are_none_and_fill_from_the_family(tmp_path):
     args = VCRegConfig(output_dir=str(tmp_path))
     assert args.vcreg_alpha is None and args.vcreg_beta is None and args.vcreg_monitor_only is False
     assert args.vcreg_enabled  # an unset coefficient may switch VCReg on: the trainer decides with the family
-    assert args.vcreg_recommended_fields() == ["vcreg_alpha", "vcreg_beta"]
+    assert args.vcreg_recommended_fields() == ["vcreg_alpha", "vcreg_beta", "vcreg_layers"]
+    assert args.vcreg_layers is None
     assert args.vcreg_dict()["vcreg_alpha"] is None
     for family in FAMILIES:
         resolved = args.vcreg_dict(family)
@@ -106,7 +108,7 @@ def test_unset_coefficients_are_none_and_fill_from_the_family(tmp_path):
         assert {k: v for k, v in resolved.items() if k not in RECOMMENDED[family]} == {
             k: v for k, v in args.vcreg_dict().items() if k not in RECOMMENDED[family]}
     mixed = VCRegConfig(output_dir=str(tmp_path), vcreg_alpha=0.0)  # an explicit value wins, 0 included
-    assert mixed.vcreg_recommended_fields() == ["vcreg_beta"]
+    assert mixed.vcreg_recommended_fields() == ["vcreg_beta", "vcreg_layers"]
     assert mixed.vcreg_dict("cnn")["vcreg_alpha"] == 0.0
     assert mixed.vcreg_dict("cnn")["vcreg_beta"] == RECOMMENDED["cnn"]["vcreg_beta"]
     off = VCRegConfig(output_dir=str(tmp_path), vcreg_alpha=0.0, vcreg_beta=0.0)
@@ -133,14 +135,17 @@ def test_trainer_resolves_unset_coefficients_to_the_family_values_and_uses_them(
     caplog.set_level(logging.INFO, logger="hf_vcreg.trainer")
     trainer = VCRegTrainer(model=build(name), args=config(tmp_path), train_dataset=make_dataset())
     alpha, beta = RECOMMENDED[family]["vcreg_alpha"], RECOMMENDED[family]["vcreg_beta"]
+    layers = RECOMMENDED[family]["vcreg_layers"]
     assert trainer.vcreg_family == family
-    assert trainer.vcreg_recommended == ["vcreg_alpha", "vcreg_beta"]
-    assert trainer.vcreg_resolved == {**trainer.args.vcreg_dict(), "vcreg_alpha": alpha, "vcreg_beta": beta}
+    assert trainer.vcreg_recommended == ["vcreg_alpha", "vcreg_beta", "vcreg_layers"]
+    assert trainer.vcreg_resolved == {**trainer.args.vcreg_dict(), "vcreg_alpha": alpha, "vcreg_beta": beta,
+                                      "vcreg_layers": layers}
     assert trainer.args.vcreg_alpha is None  # args keep "recommended": a new model (model_init) resolves again
     assert (trainer._vcreg_spec.alpha, trainer._vcreg_spec.beta) == (alpha, beta)
+    assert trainer.vcreg_layer_names == select_layers(trainer.model, layers)  # the family's placement
     lines = [r.getMessage() for r in caplog.records if r.name == "hf_vcreg.trainer"]
-    assert lines == [f"VCReg defaults for a {family} model: alpha={alpha!r}, beta={beta!r} (recommended; set "
-                     "vcreg_alpha / vcreg_beta to override)."]
+    assert lines == [f"VCReg defaults for a {family} model: alpha={alpha!r}, beta={beta!r}, layers={layers!r} "
+                     "(recommended; set vcreg_alpha / vcreg_beta / vcreg_layers to override)."]
     trainer.train()
     log = trainer.state.log_history[0]  # the penalty applied is the family's: mean over layers of alpha V + beta K
     assert log["vcreg/penalty"] == pytest.approx(alpha * log["vcreg/variance"] + beta * log["vcreg/covariance"],
@@ -154,16 +159,18 @@ def test_an_explicit_value_wins_zero_included(tmp_path, caplog):
     trainer = VCRegTrainer(model=build("hf_resnet"), args=config(tmp_path, vcreg_alpha=0.0),
                            train_dataset=make_dataset())
     assert (trainer.vcreg_resolved["vcreg_alpha"], trainer.vcreg_resolved["vcreg_beta"]) == (0.0, beta)
-    assert trainer.vcreg_recommended == ["vcreg_beta"]
+    assert trainer.vcreg_recommended == ["vcreg_beta", "vcreg_layers"]
     assert caplog.records[-1].getMessage() == (
         f"VCReg for a cnn model: alpha=0.0 (set by the user), beta={beta!r} (recommended for cnn; set vcreg_beta to "
-        "override).")
+        f"override), layers={RECOMMENDED['cnn']['vcreg_layers']!r} (recommended for cnn; set vcreg_layers to override).")
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["vcreg/penalty"] == pytest.approx(beta * log["vcreg/covariance"], rel=1e-5)
     explicit = VCRegTrainer(model=build("hf_vit"), args=config(tmp_path, vcreg_alpha=3.0, vcreg_beta=4.0))
-    assert explicit.vcreg_recommended == [] and (explicit._vcreg_spec.alpha, explicit._vcreg_spec.beta) == (3.0, 4.0)
-    assert caplog.records[-1].getMessage() == "VCReg for a transformer model: alpha=3.0 (set by the user), beta=4.0 (set by the user)."
+    assert explicit.vcreg_recommended == ["vcreg_layers"] and (explicit._vcreg_spec.alpha, explicit._vcreg_spec.beta) == (3.0, 4.0)
+    assert caplog.records[-1].getMessage() == (
+        "VCReg for a transformer model: alpha=3.0 (set by the user), beta=4.0 (set by the user), layers="
+        f"{RECOMMENDED['transformer']['vcreg_layers']!r} (recommended for transformer; set vcreg_layers to override).")
 
 
 def test_both_coefficients_zero_is_plain_training_without_hooks(tmp_path, caplog):
@@ -191,9 +198,10 @@ def test_model_card_shows_the_resolved_values_and_where_they_came_from(tmp_path)
     card = (tmp_path / "a" / "README.md").read_text()
     table = _card_lines(card)
     assert table["vcreg_alpha"] == repr(RECOMMENDED["cnn"]["vcreg_alpha"]) and table["vcreg_beta"] == "0.5"
-    assert ("Coefficients: `vcreg_alpha` recommended for cnn models (hf_vcreg's per-family default); `vcreg_beta` set "
-            "by the user.") in card
-    # The card's values rebuild the run's coefficients explicitly, whatever RECOMMENDED holds later.
+    assert table["vcreg_layers"] == f"`{RECOMMENDED['cnn']['vcreg_layers']}`"
+    assert ("Settings: `vcreg_alpha` recommended for cnn models (hf_vcreg's per-family default); `vcreg_beta` set "
+            "by the user; `vcreg_layers` recommended for cnn models (hf_vcreg's per-family default).") in card
+    # The card's values rebuild the run's settings explicitly, whatever RECOMMENDED holds later.
     rebuilt = VCRegConfig(output_dir=str(tmp_path / "b"), vcreg_alpha=float(table["vcreg_alpha"]),
-                          vcreg_beta=float(table["vcreg_beta"]))
+                          vcreg_beta=float(table["vcreg_beta"]), vcreg_layers=table["vcreg_layers"].strip("`"))
     assert rebuilt.vcreg_dict() == {**trainer.vcreg_resolved}

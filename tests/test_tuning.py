@@ -52,13 +52,13 @@ def test_model_init_models_are_hooked_and_regularised(tmp_path):
 
 def test_values_set_on_args_before_train_are_validated_and_used(tmp_path):
     trainer = VCRegTrainer(model_init=lambda: build("hf_vit"), args=config(tmp_path), train_dataset=make_dataset())
-    assert trainer.vcreg_family == "transformer" and trainer.vcreg_recommended == ["vcreg_alpha", "vcreg_beta"]
+    assert trainer.vcreg_family == "transformer" and trainer.vcreg_recommended == ["vcreg_alpha", "vcreg_beta", "vcreg_layers"]
     trainer.args.vcreg_alpha = -1.0  # what a trial's setattr could do
     with pytest.raises(ValueError, match=r"^vcreg_alpha=-1.0 is invalid: use a finite number >= 0"):
         trainer.train()
     trainer.args.vcreg_alpha, trainer.args.vcreg_beta = 0.0, 2.0
     trainer.train()
-    assert trainer.vcreg_recommended == [] and trainer._vcreg_spec.beta == 2.0
+    assert trainer.vcreg_recommended == ["vcreg_layers"] and trainer._vcreg_spec.beta == 2.0
     log = trainer.state.log_history[0]
     assert log["vcreg/penalty"] == pytest.approx(2.0 * log["vcreg/covariance"], rel=1e-5)
 
