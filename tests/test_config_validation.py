@@ -248,21 +248,24 @@ EVIDENCE_FAMILY = {"cnn": "cnn", "transformer": "vit"}
 
 
 def test_recommended_defaults_are_the_committed_selection():
-    """RECOMMENDED must hold, per family, the (alpha, beta) that the committed evidence protocol selected."""
+    """RECOMMENDED holds, per family, the (alpha, beta) and the placement that the committed evidence suite chose,
+    and the placement's keyword selects, on the suite's own model, exactly the modules the suite regularised."""
     from pathlib import Path
 
+    from benchmarks.evidence.models import FAMILIES as EVIDENCE_MODELS
+    from hf_vcreg.capture import select_layers
     from hf_vcreg.config import RECOMMENDED
 
     path = Path(__file__).resolve().parents[1] / "benchmarks/results/evidence/selection.json"
-    if not path.exists():
-        pytest.skip(f"{path.relative_to(path.parents[3])} is not committed yet: the evidence protocol's full run "
-                    "writes it (issue 12); RECOMMENDED holds provisional values until then")
     families = json.loads(path.read_text())["families"]
     assert set(EVIDENCE_FAMILY) == set(RECOMMENDED)
     for family, source in EVIDENCE_FAMILY.items():
         chosen = families[source]
-        assert {k: RECOMMENDED[family][k] for k in ("vcreg_alpha", "vcreg_beta")} == {
-            "vcreg_alpha": chosen["vcreg_alpha"], "vcreg_beta": chosen["vcreg_beta"]}, family
+        assert {k: RECOMMENDED[family][k] for k in ("vcreg_alpha", "vcreg_beta", "vcreg_layers")} == {
+            "vcreg_alpha": chosen["vcreg_alpha"], "vcreg_beta": chosen["vcreg_beta"],
+            "vcreg_layers": chosen["placement"]}, family
+        model = EVIDENCE_MODELS[source].build(10, 0)
+        assert select_layers(model, RECOMMENDED[family]["vcreg_layers"]) == chosen["layers"], family
 
 
 def test_layer_patterns_pass_as_a_list_from_python_the_command_line_and_json(tmp_path):
