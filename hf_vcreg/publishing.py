@@ -58,6 +58,7 @@ __all__ = [
     "final_metrics",
     "model_card_from_trainer",
     "push_error",
+    "record_preprocessing",
     "render_model_card",
     "label_names",
     "pushes_checkpoint",
@@ -175,6 +176,79 @@ def save_timm_checkpoint(
     return config_path
 
 
+# ------------------------------------------------------------------------------------- preprocessing
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+def record_preprocessing(
+    model: nn.Module,
+    image_size: int,
+    channels: int = 3,
+    mean: float | tuple[float, ...] = 0.5,
+    std: float | tuple[float, ...] = 0.5,
+    interpolation: str = "bilinear",
+    crop_pct: float = 1.0,
+) -> dict[str, Any]:
+    """Record the preprocessing ``model`` was trained with, so that every later save publishes it.
+
+    The evaluation preprocessing of the training run: resize to ``image_size / crop_pct`` (``interpolation``),
+    centre-crop ``image_size`` x ``image_size``, scale to [0, 1], normalise with ``mean`` / ``std`` (one value, or
+    one per channel). Written into:
+
+    * timm models (bare or ``TimmWrapper*``): ``model.pretrained_cfg`` (``input_size``, ``mean``, ``std``,
+      ``interpolation``, ``crop_pct``), hence the saved ``config.json``; ``timm.data.resolve_data_config`` and
+      ``AutoImageProcessor`` (``TimmWrapperImageProcessor``) read it back.
+    * transformers models: the ``preprocessor_config.json`` written at save time when the trainer has no
+      ``processing_class`` (:func:`save_image_processor`): size, ``crop_pct``, ``resample``, ``image_mean``,
+      ``image_std``.
+
+    Returns the timm-style data config. Raises ValueError for a value a loader could not reproduce.
+    """
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"record_preprocessing: image_size must be a positive int; got {image_size!r}")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"record_preprocessing: interpolation {interpolation!r} is not one of {_INTERPOLATIONS}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"record_preprocessing: crop_pct must be in (0, 1]; got {crop_pct!r}")
+
+    def per_channel(name: str, value) -> tuple[float, ...]:
+        values = (value,) * channels if isinstance(value, (int, float)) else tuple(value)
+        if len(values) != channels:
+            raise ValueError(f"record_preprocessing: {name} needs 1 or {channels} values; got {value!r}")
+        return tuple(float(v) for v in values)
+
+    data_config = {"input_size": (channels, image_size, image_size), "mean": per_channel("mean", mean),
+                   "std": per_channel("std", std), "interpolation": interpolation, "crop_pct": float(crop_pct)}
+    timm_model = timm_module(model)
+    if timm_model is not None:
+        timm_model.pretrained_cfg = {**dict(timm_model.pretrained_cfg or {}), **data_config}
+        wrapper_config = getattr(unwrap_model(model), "config", None)
+        if wrapper_config is not None and isinstance(getattr(wrapper_config, "pretrained_cfg", None), dict):
+            wrapper_config.pretrained_cfg = {**wrapper_config.pretrained_cfg, **data_config}
+    else:
+        unwrap_model(model).vcreg_preprocessing = dict(data_config)
+    return data_config
+
+
+def _apply_preprocessing(processor: Any, data_config: dict[str, Any]) -> Any:
+    """``processor`` (a transformers image processor) changed to apply ``data_config`` (record_preprocessing)."""
+    from transformers.image_utils import PILImageResampling
+
+    size = data_config["input_size"][-1]
+    kwargs = {"image_mean": list(data_config["mean"]), "image_std": list(data_config["std"]),
+              "resample": PILImageResampling[data_config["interpolation"].upper()], "do_normalize": True,
+              "do_rescale": True, "rescale_factor": 1 / 255}
+    if getattr(processor, "crop_pct", None) is not None or processor.size.get("shortest_edge"):
+        kwargs["size"] = {"shortest_edge": size}  # ConvNeXt-style: resize to size / crop_pct, centre-crop size
+        if hasattr(processor, "crop_pct"):
+            kwargs["crop_pct"] = data_config["crop_pct"]
+    else:
+        kwargs["size"] = {"height": size, "width": size}
+    if getattr(processor, "crop_size", None) is not None:
+        kwargs["crop_size"] = {"height": size, "width": size}
+    return type(processor)(**{**processor.to_dict(), **kwargs})
+
+
 # ------------------------------------------------------------------------------------- image processor
 def default_image_processor(config: Any):
     """An image processor for a ``transformers`` model config, for checkpoints trained without one.
@@ -226,6 +300,9 @@ def save_image_processor(model: nn.Module, processing_class: Any, output_dir: st
     if config is None:
         return None
     processor = default_image_processor(config)
+    recorded = getattr(unwrap_model(model), "vcreg_preprocessing", None)  # record_preprocessing
+    if recorded:
+        processor = _apply_preprocessing(processor, recorded)
     processor.save_pretrained(str(output_dir))
     logger.info("No processing_class given: wrote a default %s (size %s) to %s.", type(processor).__name__,
                 dict(processor.size), path)

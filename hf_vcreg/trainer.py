@@ -67,6 +67,22 @@ class ReentrantCheckpointError(RuntimeError):
     """A regularised block ran without autograd during training (reentrant gradient checkpointing)."""
 
 
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over the batch of ``-sum_c q_c log softmax(logits)_c`` for soft targets ``q`` of shape (B, C).
+
+    ``q`` comes from mixup / cutmix (rows sum to 1); ``label_smoothing`` mixes it with the uniform
+    distribution first, ``q' = (1 - s) q + s / C``, as ``F.cross_entropy(label_smoothing=s)`` does for hard
+    labels. Computed in float32.
+    """
+    if targets.shape != logits.shape:
+        raise ValueError(f"soft labels of shape {tuple(targets.shape)} do not match the logits {tuple(logits.shape)}: "
+                         "give one probability per class (B, num_labels).")
+    targets = targets.float()
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
 class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
     """``Trainer`` with the VCReg penalty on the output of every block.
 
@@ -228,15 +244,25 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         return out
 
     def _task_loss(self, model, inputs):
-        if not self._bare_model:
+        labels = inputs.get("labels")
+        soft = isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.ndim == 2
+        if not self._bare_model and not soft:
             return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
+        if soft and not self._bare_model:
+            # Soft targets (mixup / cutmix): transformers' image classifiers would switch to multi-label BCE for
+            # float labels, so the model runs without labels and the trainer computes the soft cross-entropy.
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            return soft_target_cross_entropy(logits, labels, self.args.label_smoothing_factor), outputs
         if "pixel_values" not in inputs or "labels" not in inputs:
             raise KeyError(
                 f"A bare (non-transformers) model gets inputs['pixel_values'] and inputs['labels']; the batch has "
                 f"{sorted(inputs)}. Produce those two columns in your dataset transform or collator."
             )
         logits = model(inputs["pixel_values"])
-        loss = F.cross_entropy(logits.float(), inputs["labels"], label_smoothing=self.args.label_smoothing_factor)
+        if soft:
+            return soft_target_cross_entropy(logits, labels, self.args.label_smoothing_factor), {"logits": logits}
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
         return loss, {"logits": logits}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
