@@ -81,6 +81,10 @@ The options that matter first (script defaults in brackets; every TrainingArgume
 Config errors print one line and exit with status 2 before any training. docs/pretraining.md has the recipe."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's (script) default and keeps the epilog's layout."""
+
+
 class ConfigError(ValueError):
     """A bad command-line / JSON value, found before any training: printed as one line, exit status 2."""
 
@@ -121,7 +125,7 @@ class DataArguments:
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, VCRegConfig),
-        description=__doc__.split("\n")[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n")[0], epilog=EPILOG, formatter_class=_HelpFormatter,
     )
     parser.set_defaults(**SCRIPT_DEFAULTS)
     return parser

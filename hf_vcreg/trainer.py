@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_pt_utils import LabelSmoother
 
 from .capture import BlockCapture, CapturedLayer, sample_rows, select_layers, unwrap_model
 from .checkpointing import AtomicCheckpointMixin, last_complete_checkpoint
@@ -113,7 +114,13 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
                 "VCRegConfig(output_dir=..., vcreg_alpha=..., **other_training_arguments)."
             )
         args._validate_vcreg()  # again: fields may have been changed after the config was built
-        super().__init__(model, args, *a, **kw)
+        # Trainer.__init__ reads model.config for label smoothing, which a bare timm model lacks: the trainer sets
+        # the label smoother itself (transformers models), bare models smooth in _task_loss.
+        smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
+        try:
+            super().__init__(model, args, *a, **kw)
+        finally:
+            args.label_smoothing_factor = smoothing
         # The trainer computes per-micro-batch means; never let the model normalise by num_items_in_batch.
         self.model_accepts_loss_kwargs = False
         self._vcreg_metrics: dict[str, dict[str, list[torch.Tensor]]] = {
@@ -149,6 +156,9 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         self._remove_hooks()  # those of the previous model, if any
         base = unwrap_model(self.model)
         self._bare_model = not isinstance(base, PreTrainedModel)
+        # transformers models: the Trainer's label smoother; bare models: _task_loss applies the factor itself
+        smoothing = args.label_smoothing_factor
+        self.label_smoother = LabelSmoother(epsilon=smoothing) if smoothing and not self._bare_model else None
         if self._bare_model and not self.label_names:
             self.label_names = ["labels"]
         if hasattr(base, "add_model_tags"):
