@@ -348,9 +348,9 @@ def reading(summary: dict) -> str:
     parts = []
     if transfer:
         n, k = len(transfer["per_seed"]), transfer["ahead"]
-        verdict = ("VCReg ahead on transfer" if k == n else "VCReg behind on transfer" if k == 0
-                   else "no consistent transfer effect")
-        parts.append(f"{verdict} on {k}/{n} seeds (Δ {100 * transfer['mean']:+.1f} ± {100 * transfer['std']:.1f} pts)")
+        verdict = "on every seed" if k == n else "on no seed" if k == 0 else "not a consistent effect"
+        parts.append(f"VCReg ahead on transfer on {k}/{n} seeds ({verdict}; Δ {100 * transfer['mean']:+.1f} ± "
+                     f"{100 * transfer['std']:.1f} pts)")
     if source:
         parts.append(f"source Δ {100 * source['mean']:+.1f} ± {100 * source['std']:.1f} pts")
     return "; ".join(parts) + "." if parts else ""
@@ -389,7 +389,10 @@ def render(summary: dict) -> str:
     ]
     if summary.get("reading"):
         lines.append(f"Reading: {summary['reading']} (V, K: lower = more feature variance / less covariance)")
-    lines.append(f"Wall time {summary['wall_time_s']:.0f} s. Saved: {summary['saved'] or 'nothing (--save_final_model false)'}")
+    saved = (f"{len(summary['saved'])} final models in {summary['output_dir']}/<run>-seed<k>/ (from_pretrained loads them)"
+             if summary["saved"] else "no models (--save_final_model false)")
+    lines.append(f"Wall time {summary['wall_time_s']:.0f} s. Saved: {saved}; this table: "
+                 f"{summary['output_dir']}/summary.md, summary.json")
     lines.append(f"Next: {summary['next_step']}")
     return "\n".join(lines)
 
@@ -505,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         "transfer": "scikit-learn digits, linear probe on frozen features" if transfer else "none",
         "vcreg": {"vcreg_alpha": resolved["vcreg_alpha"], "vcreg_beta": resolved["vcreg_beta"], "source": source,
                   "layers": len(vcreg_trainer.vcreg_layer_names), "family": vcreg_trainer.vcreg_family},
-        "torch_threads": torch.get_num_threads(), "saved": saved,
+        "torch_threads": torch.get_num_threads(), "saved": saved, "output_dir": config.output_dir,
         "next_step": (f"publish: trainer.push_to_hub() or `hf upload <user>/<repo> {example}`; fine-tune: "
                       f"python examples/finetune.py --model_name_or_path {example} --dataset_name sklearn-digits "
                       "--output_dir finetuned --do_train --do_eval --linear_probe"),

@@ -15,7 +15,7 @@ from hf_vcreg.config import RECOMMENDED
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--seeds", "0", "--max_train_samples", "64", "--max_eval_samples", "40", "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "32", "--image_size", "16", "--use_cpu", "true", "--torch_threads", "1"]
+        "--per_device_train_batch_size", "32", "--image_size", "16", "--use_cpu", "true", "--torch_threads", "1", "--logging_steps", "1"]
 
 
 def _load(name):
@@ -77,7 +77,10 @@ def test_console_is_one_table_a_reading_and_the_next_step(tiny_run):
     base = tiny_run["summary"]["runs"]["baseline"]
     assert f"| baseline | {100 * base['source_accuracy']['mean']:.1f} ± 0.0 | " in text
     reading = next(line for line in lines if line.startswith("Reading: "))
-    assert re.match(r"Reading: (VCReg ahead on transfer|VCReg behind on transfer) on [01]/1 seeds \(Δ [+-]\d", reading)
+    ahead = tiny_run["summary"]["paired_delta"]["transfer_accuracy"]["ahead"]
+    verdict = "on every seed" if ahead else "on no seed"
+    assert reading.startswith(f"Reading: VCReg ahead on transfer on {ahead}/1 seeds ({verdict}; Δ ")
+    assert f"Saved: 2 final models in {tiny_run['out']}/<run>-seed<k>/" in text
     assert any(line.startswith("Next: publish: trainer.push_to_hub()") and "examples/finetune.py" in line
                for line in lines)
     assert (tiny_run["out"] / "summary.md").read_text().strip() == text.strip()
@@ -99,7 +102,9 @@ def test_default_run_leaves_loadable_checkpoints_with_their_preprocessing(tiny_r
         assert tuple(pixels.shape) == (1, 3, 16, 16)
         assert model(pixel_values=pixels).logits.shape == (1, 10)
         state = json.loads((folder / "trainer_state.json").read_text())
-        assert any("loss" in entry for entry in state["log_history"])  # the per-step logs are in the folder
+        steps = [entry for entry in state["log_history"] if "loss" in entry]  # the per-step logs are in the folder
+        assert [entry["step"] for entry in steps] == [1, 2]
+        assert all(entry["vcreg/variance"] >= 0 and entry["vcreg/covariance"] > 0 for entry in steps)
         card = (folder / "README.md").read_text()
         assert "Data set: Fashion-MNIST" in card and str(out) not in card  # no local absolute path in the card
 
@@ -168,6 +173,7 @@ def test_features_are_the_heads_input(tmp_path):
     model = pretrain.build_model("resnet", 10, 16, {i: str(i) for i in range(10)}, 0.0)
     x = torch.randn(5, 3, 16, 16)
     feats = pretrain.features(model, x, batch_size=2)
+    assert model.training  # restored after the eval-mode pass
     with torch.no_grad():
-        pooled = model.resnet(x).pooler_output.flatten(1)
+        pooled = model.eval().resnet(x).pooler_output.flatten(1)  # eval mode: BatchNorm running statistics
     np.testing.assert_allclose(feats, pooled.numpy(), rtol=1e-5, atol=1e-6)
