@@ -26,10 +26,8 @@ Other data and models (see docs/pretraining.md):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time

@@ -1,29 +1,17 @@
 """examples/pretrain.py, the main command, at tiny size: config errors before training, the table and
 summary.json, the saved checkpoints, and the script defaults seen by --help and by JSON configs."""
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _examples import load_example
 import torch
 
 from hf_vcreg.config import RECOMMENDED
-
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--seeds", "0", "--max_train_samples", "64", "--max_eval_samples", "40", "--num_train_epochs", "1",
         "--per_device_train_batch_size", "32", "--image_size", "16", "--use_cpu", "true", "--torch_threads", "1", "--logging_steps", "1"]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +21,7 @@ def tiny_run(tmp_path_factory):
     import io
 
     out = tmp_path_factory.mktemp("pretrain")
-    pretrain = _load("pretrain")
+    pretrain = load_example("pretrain")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         summary = pretrain.main(["--output_dir", str(out), *TINY])
@@ -110,7 +98,7 @@ def test_default_run_leaves_loadable_checkpoints_with_their_preprocessing(tiny_r
 
 
 def test_bad_vcreg_layers_exits_2_before_any_training(tmp_path, capsys):
-    pretrain = _load("pretrain")
+    pretrain = load_example("pretrain")
     with pytest.raises(SystemExit) as exit_info:
         pretrain.main(["--output_dir", str(tmp_path), *TINY, "--vcreg_layers", "nomatch"])
     assert exit_info.value.code == 2
@@ -121,7 +109,7 @@ def test_bad_vcreg_layers_exits_2_before_any_training(tmp_path, capsys):
 
 
 def test_unknown_timm_model_exits_2_with_close_names(tmp_path, capsys):
-    pretrain = _load("pretrain")
+    pretrain = load_example("pretrain")
     with pytest.raises(SystemExit) as exit_info:
         pretrain.main(["--output_dir", str(tmp_path), *TINY, "--model_name", "timm:resnet1800"])
     assert exit_info.value.code == 2
@@ -135,9 +123,10 @@ def test_unknown_timm_model_exits_2_with_close_names(tmp_path, capsys):
     (["--train_dir", "/no/such/folder"], "--train_dir '/no/such/folder' does not exist"),
     (["--drop_path_rate", "0.1"], "--drop_path_rate 0.1: ResNetConfig has no drop_path_rate"),
     (["--vcreg_alpha", "-1"], "vcreg_alpha"),
+    (["--model_name", "timm:resnet10t"], "vcreg_layers='blocks': no blocks were detected in ResNet"),
 ])
 def test_other_config_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    pretrain = _load("pretrain")
+    pretrain = load_example("pretrain")
     with pytest.raises(SystemExit) as exit_info:
         pretrain.main(["--output_dir", str(tmp_path), *TINY, *argv])
     assert exit_info.value.code == 2
@@ -146,7 +135,7 @@ def test_other_config_errors_exit_2_with_one_line(tmp_path, capsys, argv, messag
 
 
 def test_help_and_json_configs_see_the_script_defaults(tmp_path):
-    pretrain = _load("pretrain")
+    pretrain = load_example("pretrain")
     parser = pretrain.make_parser()
     help_text = " ".join(parser.format_help().split())
     defaults = pretrain.SCRIPT_DEFAULTS
@@ -169,7 +158,7 @@ def test_help_and_json_configs_see_the_script_defaults(tmp_path):
 
 
 def test_features_are_the_heads_input(tmp_path):
-    pretrain = _load("pretrain")
+    pretrain = load_example("pretrain")
     model = pretrain.build_model("resnet", 10, 16, {i: str(i) for i in range(10)}, 0.0)
     x = torch.randn(5, 3, 16, 16)
     feats = pretrain.features(model, x, batch_size=2)

@@ -7,14 +7,13 @@ preprocesses at 32x32 with mean/std 0.5, not the library defaults (224, ImageNet
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+from _examples import load_example
 import timm
 import timm.data
 import torch
@@ -23,16 +22,6 @@ from transformers import AutoImageProcessor, ResNetConfig, ResNetForImageClassif
 
 from hf_vcreg import VCRegConfig, VCRegTrainer
 from hf_vcreg.publishing import record_preprocessing
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _finetune():
-    spec = importlib.util.spec_from_file_location("finetune", ROOT / "examples" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["finetune"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _save(model, out: Path) -> Path:
@@ -81,7 +70,7 @@ def test_timm_resnet18_trained_at_32_reloads_with_its_preprocessing(tmp_path):
 
 
 def _check_finetune_transform(out: Path):
-    finetune = _finetune()
+    finetune = load_example("finetune")
     transform = finetune.make_transform(AutoImageProcessor.from_pretrained(str(out)))
     batch = transform({"image": _white_and_black(), "label": [1, 0]})
     assert tuple(batch["pixel_values"].shape) == (2, 3, 32, 32)

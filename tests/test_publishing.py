@@ -332,7 +332,7 @@ def test_local_card_has_a_model_title_no_absolute_path_base_model_and_the_homepa
     assert "--model_name_or_path <path-or-repo-id>" in card.text
     assert "- Data set: Fashion-MNIST" in card.text and "not recorded" not in card.text
     assert "[hf_vcreg](https://github.com/hf-vcreg/hf_vcreg)" in card.text
-    html = MarkdownIt("gfm-like").render(card.text)
+    html = MarkdownIt("commonmark").enable("table").render(card.text)
     assert '<a href="https://github.com/hf-vcreg/hf_vcreg">hf_vcreg</a>' in html and "<table>" in html
 
     plain = VCRegTrainer(model=hf_vit(), args=VCRegConfig(output_dir=str(tmp_path / "plain"), report_to=[],

@@ -6,11 +6,9 @@ soft-target cross-entropy itself for float (B, C) labels, for transformers and b
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from _examples import load_example
 import timm
 import torch
 import torch.nn.functional as F
@@ -18,8 +16,6 @@ from _tiny_models import hf_vit
 
 from hf_vcreg import VCRegConfig, VCRegTrainer
 from hf_vcreg.trainer import soft_target_cross_entropy
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(tmp_path, **kw):
@@ -100,16 +96,8 @@ def test_label_smoothing_with_model_init_on_hard_labels(tmp_path):
     assert not torch.allclose(loss, F.cross_entropy(logits, labels), atol=1e-4)
 
 
-def _load_pretrain():
-    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "examples" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pretrain"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pretrain_mixup_trains_on_soft_labels_with_the_soft_loss(tmp_path):
-    pretrain = _load_pretrain()
+    pretrain = load_example("pretrain")
     data_args = pretrain.DataArguments(mixup_alpha=0.8, cutmix_alpha=1.0)
     mix = pretrain.batch_mixer(data_args, num_labels=3)
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])

@@ -30,7 +30,6 @@ from examples.offline_data import (  # the one offline Fashion-MNIST / digits re
     FASHION_MNIST_NAMES,
     FASHION_MNIST_ROOT,
     DatasetOrDict,
-    _image_dataset,
     fashion_mnist_arrays,
     load_digits_dataset,
     load_fashion_mnist,
