@@ -362,7 +362,7 @@ def render_table(summary: dict) -> str:
     header = ("| run | source acc. (%) | transfer acc. (%) | feature variance term V | feature covariance term K |\n"
               "|---|---|---|---|---|")
     rows = [f"| {run} | {cell(run, 'source_accuracy')} | {cell(run, 'transfer_accuracy')} | "
-            f"{cell(run, 'variance', 1.0, '{:.4f} ± {:.4f}')} | {cell(run, 'covariance', 1.0, '{:.4f} ± {:.4f}')} |"
+            f"{cell(run, 'variance', 1.0, '{:.3g} ± {:.2g}')} | {cell(run, 'covariance', 1.0, '{:.3g} ± {:.2g}')} |"
             for run in summary["runs"]]
     delta = summary.get("paired_delta", {})
     if delta:
@@ -421,7 +421,7 @@ def build_all(model_args, data_args, config, train, test, num_labels, id2label):
                                       compute_metrics=accuracy, batch_mix=mix)
             for callback in (PrinterCallback, ProgressCallback):  # per-step dicts go to trainer_state.json only
                 trainer.remove_callback(callback)
-            batch = {k: v.to(trainer.model.device) for k, v in probe_batch.items()}
+            batch = {k: v.to(trainer.args.device) for k, v in probe_batch.items()}
             bare = not isinstance(trainer.model, transformers.PreTrainedModel)
             try:
                 with torch.no_grad():

@@ -229,7 +229,11 @@ def record_preprocessing(
                    "std": per_channel("std", std), "interpolation": interpolation, "crop_pct": float(crop_pct)}
     timm_model = timm_module(model)
     if timm_model is not None:
-        timm_model.pretrained_cfg = {**dict(timm_model.pretrained_cfg or {}), **data_config}
+        cfg = {**dict(timm_model.pretrained_cfg or {}), **data_config}
+        for key, value in (("test_input_size", data_config["input_size"]), ("test_crop_pct", data_config["crop_pct"])):
+            if key in cfg:  # timm's "test at a larger size" entries would describe another preprocessing
+                cfg[key] = value
+        timm_model.pretrained_cfg = cfg
         wrapper_config = getattr(unwrap_model(model), "config", None)
         if wrapper_config is not None and isinstance(getattr(wrapper_config, "pretrained_cfg", None), dict):
             wrapper_config.pretrained_cfg = {**wrapper_config.pretrained_cfg, **data_config}

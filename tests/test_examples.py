@@ -166,3 +166,37 @@ def test_features_are_the_heads_input(tmp_path):
     with torch.no_grad():
         pooled = model.eval().resnet(x).pooler_output.flatten(1)  # eval mode: BatchNorm running statistics
     np.testing.assert_allclose(feats, pooled.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_timm_model_with_the_augmentation_recipe_trains_and_publishes_its_preprocessing(tmp_path, capsys):
+    pretrain = load_example("pretrain")
+    summary = pretrain.main(["--output_dir", str(tmp_path), *TINY, "--model_name", "timm:resnet18", "--transfer", "none",
+                             "--mixup_alpha", "0.8", "--cutmix_alpha", "1.0", "--auto_augment", "trivial",
+                             "--rrc_scale", "0.35", "--hflip", "true", "--label_smoothing_factor", "0.1",
+                             "--drop_path_rate", "0.05"])
+    assert summary["vcreg"]["family"] == "cnn" and summary["transfer"] == "none"
+    assert "transfer_accuracy" not in summary["runs"]["vcreg"]
+    for run in ("baseline", "vcreg"):
+        folder = tmp_path / f"{run}-seed0"
+        state = json.loads((folder / "trainer_state.json").read_text())
+        losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        assert len(losses) == 2 and all(np.isfinite(losses)) and min(losses) > 0
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["architecture"] == "resnet18" and cfg["num_classes"] == 10
+        assert cfg["pretrained_cfg"]["input_size"] == [3, 16, 16] and cfg["pretrained_cfg"]["mean"] == [0.5] * 3
+    assert "| Δ vcreg − baseline, seeds 0 (pts) |" in capsys.readouterr().out
+
+
+def test_train_transform_augments_and_eval_transform_is_the_published_resize():
+    import PIL.Image
+
+    pretrain = load_example("pretrain")
+    args = pretrain.DataArguments(image_size=16, rrc_scale=0.35, hflip=True, auto_augment="rand")
+    image = PIL.Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28) % 251)
+    torch.manual_seed(0)
+    train = pretrain.make_transform(args, train=True)({"image": [image] * 4, "label": [3] * 4})
+    evaluate = pretrain.make_transform(args, train=False)({"image": [image] * 2, "label": [3] * 2})
+    assert tuple(train["pixel_values"].shape) == (4, 3, 16, 16) and train["labels"].tolist() == [3] * 4
+    assert not torch.equal(train["pixel_values"][0], train["pixel_values"][1])  # random per image
+    assert torch.equal(evaluate["pixel_values"][0], evaluate["pixel_values"][1])  # deterministic
+    assert evaluate["pixel_values"].min() >= -1.0 and evaluate["pixel_values"].max() <= 1.0  # mean = std = 0.5

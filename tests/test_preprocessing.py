@@ -52,6 +52,9 @@ def test_timm_resnet18_trained_at_32_reloads_with_its_preprocessing(tmp_path):
     cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
     assert cfg["input_size"] == [3, 32, 32] and cfg["mean"] == [0.5] * 3 and cfg["std"] == [0.5] * 3
     assert cfg["interpolation"] == "bilinear" and cfg["crop_pct"] == 1.0
+    assert cfg["test_input_size"] == [3, 32, 32] and cfg["test_crop_pct"] == 1.0  # timm's resnet18 default: 288
+    assert timm.data.resolve_data_config({}, model=timm.create_model(f"local-dir:{out}", pretrained=True),
+                                         use_test_size=True)["input_size"] == (3, 32, 32)
 
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert tuple(reloaded.pretrained_cfg["input_size"]) == (3, 32, 32)
