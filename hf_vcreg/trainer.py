@@ -64,10 +64,6 @@ __all__ = ["VCRegTrainer", "last_complete_checkpoint"]
 logger = logging.getLogger(__name__)
 
 
-class ReentrantCheckpointError(RuntimeError):
-    """A regularised block ran without autograd during training (reentrant gradient checkpointing)."""
-
-
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean over the batch of ``-sum_c q_c log softmax(logits)_c`` for soft targets ``q`` of shape (B, C).
 
@@ -82,6 +78,10 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
     return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+class ReentrantCheckpointError(RuntimeError):
+    """A regularised block ran without autograd during training (reentrant gradient checkpointing)."""
 
 
 class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
