@@ -29,8 +29,10 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -337,6 +339,11 @@ def summarise(results: dict, meta: dict) -> dict:
                                                                 "mean": mean, "std": std,
                                                                 "ahead": sum(d > 0 for d in deltas)}
         summary["reading"] = reading(summary)
+        transfer = summary.get("paired_delta", {}).get("transfer_accuracy")
+        if transfer:
+            n, k = len(transfer["per_seed"]), transfer["ahead"]
+            summary["conclusion"] = {"vcreg_ahead_on_transfer": k == n, "seeds_ahead": k, "seeds": n,
+                                     "transfer_delta_pts": 100 * transfer["mean"]}
     return summary
 
 
@@ -512,6 +519,9 @@ def main(argv: list[str] | None = None) -> dict:
                       "--output_dir finetuned --do_train --do_eval --linear_probe"),
     }
     meta["wall_time_s"] = time.perf_counter() - start
+    meta["run"] = {"command": shlex.join(["python", "examples/pretrain.py", *argv]), "threads": torch.get_num_threads(),
+                   "wall_s": meta["wall_time_s"], "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "commit": _git_commit()}
     summary = summarise(results, meta)
     text = render(summary)
     os.makedirs(config.output_dir, exist_ok=True)
@@ -521,6 +531,18 @@ def main(argv: list[str] | None = None) -> dict:
         f.write(text + "\n")
     print(text)
     return summary
+
+
+def _git_commit() -> str | None:
+    """The short commit of the checkout this script runs from (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _data_name(args: DataArguments) -> str:

@@ -51,6 +51,14 @@ def test_summary_holds_both_runs_statistics_and_paired_deltas(tiny_run):
     assert summary["train_size"] == 64 and summary["test_size"] == 40 and summary["seeds"] == ["0"]
     assert per_seed["baseline"]["0"]["steps"] == per_seed["vcreg"]["0"]["steps"] == 2
     assert json.loads((tiny_run["out"] / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    # what the README's generated demo block and its test read
+    ahead = summary["paired_delta"]["transfer_accuracy"]["ahead"]
+    assert summary["conclusion"] == {"vcreg_ahead_on_transfer": ahead == 1, "seeds_ahead": ahead, "seeds": 1,
+                                     "transfer_delta_pts": 100 * summary["paired_delta"]["transfer_accuracy"]["mean"]}
+    run = summary["run"]
+    assert run["command"].startswith("python examples/pretrain.py --output_dir ") and run["threads"] == 1
+    assert run["wall_s"] == summary["wall_time_s"] > 0 and run["date"].endswith("+00:00")
+    assert run["commit"] is None or re.fullmatch(r"[0-9a-f]{7,}", run["commit"])
 
 
 def test_console_is_one_table_a_reading_and_the_next_step(tiny_run):
