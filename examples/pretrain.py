@@ -77,7 +77,7 @@ The options that matter first (script defaults in brackets; every TrainingArgume
   --mixup_alpha 0  --cutmix_alpha 0 (soft labels, soft-target cross-entropy)  --label_smoothing_factor 0
   --drop_path_rate 0 (timm models / transformers configs that have it)
   --vcreg_alpha / --vcreg_beta  unset = the recommended value for the model's family (hf_vcreg.config.RECOMMENDED)
-  --vcreg_layers blocks | last | stages | module-name patterns    --vcreg_monitor_only (statistics, no penalty)
+  --vcreg_layers blocks | last | module-name regular expressions   --vcreg_monitor_only (statistics, no penalty)
 Config errors print one line and exit with status 2 before any training. docs/pretraining.md has the recipe."""
 
 
@@ -125,7 +125,8 @@ class DataArguments:
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, VCRegConfig),
-        description=__doc__.split("\n")[0], epilog=EPILOG, formatter_class=_HelpFormatter,
+        usage="python examples/pretrain.py [--option value ...] | python examples/pretrain.py config.json",
+        description=__doc__.split("\n")[0] + "\n\n" + EPILOG, formatter_class=_HelpFormatter,
     )
     parser.set_defaults(**SCRIPT_DEFAULTS)
     return parser
