@@ -148,12 +148,31 @@ def freeze_backbone(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def main() -> None:
+def make_transform(image_processor, image_column: str = "image", label_column: str = "label"):
+    """``with_transform`` function: images -> ``pixel_values`` by the checkpoint's own saved preprocessing.
+
+    ``image_processor`` is ``AutoImageProcessor.from_pretrained(<checkpoint>)``: the ``preprocessor_config.json``
+    (transformers) or the timm ``pretrained_cfg`` (``TimmWrapperImageProcessor``) written with the checkpoint, so
+    a model pretrained at 28x28 with mean/std 0.5 is fine-tuned on exactly that (hf_vcreg's
+    ``record_preprocessing``).
+    """
+
+    def transform(batch):
+        images = [image.convert("RGB") for image in batch[image_column]]
+        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[label_column])}
+
+    return transform
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run with ``argv`` (default: ``sys.argv[1:]``; one ``.json`` file = a config); return the eval metrics."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(sys.argv[1])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(argv[0])
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
 
@@ -177,10 +196,7 @@ def main() -> None:
         trained = freeze_backbone(model)
         logger.info("linear probe: training %d tensors (%s), backbone frozen", len(trained), ", ".join(trained))
 
-    def transform(batch):
-        images = [image.convert("RGB") for image in batch[data_args.image_column_name]]
-        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[data_args.label_column_name])}
+    transform = make_transform(image_processor, data_args.image_column_name, data_args.label_column_name)
 
     train_set, eval_set = dataset["train"], dataset["validation"]
     if data_args.max_train_samples is not None:
@@ -203,6 +219,7 @@ def main() -> None:
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
+    metrics: dict[str, float] = {}
     if training_args.do_eval:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
@@ -213,6 +230,7 @@ def main() -> None:
         trainer.push_to_hub(**kwargs)
     else:
         trainer.create_model_card(**kwargs)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -126,6 +126,25 @@ class VCRegConfig(TrainingArguments):
         super().__post_init__()
         self._validate_vcreg()
 
+    # Credentials never leave the process: the Trainer pickles its args into training_args.bin, which
+    # push_to_hub uploads. Pickling drops every ``*_token`` field (hub_token, ...) to None, as ``to_dict`` already
+    # redacts them; a resumed run reads the token from HF_TOKEN / the login cache again. Copies keep them.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: None if k.endswith("_token") else v for k, v in self.__dict__.items()}
+
+    def __copy__(self) -> VCRegConfig:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> VCRegConfig:
+        import copy
+
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def _validate_vcreg(self) -> None:
         def bad(name: str, fix: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r} is invalid: {fix}")

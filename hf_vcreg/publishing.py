@@ -58,6 +58,7 @@ __all__ = [
     "final_metrics",
     "model_card_from_trainer",
     "push_error",
+    "record_preprocessing",
     "render_model_card",
     "label_names",
     "pushes_checkpoint",
@@ -105,20 +106,28 @@ HUB_ERRORS: tuple[type[BaseException], ...] = (
 """Exceptions of ``huggingface_hub`` for a refused, failed or unreachable request."""
 
 
-def push_error(err: BaseException, output_dir: str, repo_id: str | None, creating: bool = False) -> HubPushError:
-    """The :class:`HubPushError` raised when pushing ``output_dir`` to ``repo_id`` (or creating it) failed."""
-    if creating:
+def push_error(err: BaseException, output_dir: str, repo_id: str | None, creating: bool = False,
+               trained_steps: int = 0) -> HubPushError:
+    """The :class:`HubPushError` raised when pushing ``output_dir`` to ``repo_id`` (or creating it) failed.
+
+    ``trained_steps``: optimizer steps run so far (0: nothing trained). It tells the story the user needs: whether
+    training ran, that the folder is complete on disk (the push writes it before any network call), what failed
+    and how to retry.
+    """
+    cause = f"{type(err).__name__}: {err}"
+    if creating and not trained_steps:
         return HubPushError(
-            f"Creating the Hub repo {repo_id!r} failed: {type(err).__name__}: {err}. Nothing was trained or uploaded "
+            f"Creating the Hub repo {repo_id!r} failed: {cause}. Nothing was trained or uploaded "
             "yet. Check that HF_ENDPOINT is reachable and the token (HF_TOKEN / hub_token) has write access, or set "
             "push_to_hub=False and call trainer.push_to_hub() later."
         )
+    step = "creating the repo" if creating else "the upload"
     return HubPushError(
-        f"Pushing {output_dir!r} to the Hub repo {repo_id!r} failed: {type(err).__name__}: {err}. The local folder "
-        f"{output_dir!r} is complete (weights, config, preprocessor config, model card) and loads with "
-        "from_pretrained. Commits are atomic, so the Hub repo did not change. Fix the cause (is HF_ENDPOINT "
-        "reachable? does the token have write access? is the repo id right?) and call trainer.push_to_hub() "
-        "again: files the Hub already holds are not sent twice."
+        f"Training finished ({trained_steps} steps); the checkpoint is complete at {os.path.abspath(output_dir)!r} "
+        f"(weights, config, preprocessing, model card) and loads with from_pretrained. Pushing it to the Hub repo "
+        f"{repo_id!r} failed in {step}: {cause}. Nothing on the Hub changed (commits are atomic). Fix the cause "
+        "(is HF_ENDPOINT reachable? does the token have write access? is the repo id right?) and retry: call "
+        "trainer.push_to_hub() again; files the Hub already holds are not sent twice."
     )
 
 
@@ -175,6 +184,83 @@ def save_timm_checkpoint(
     return config_path
 
 
+# ------------------------------------------------------------------------------------- preprocessing
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+def record_preprocessing(
+    model: nn.Module,
+    image_size: int,
+    channels: int = 3,
+    mean: float | tuple[float, ...] = 0.5,
+    std: float | tuple[float, ...] = 0.5,
+    interpolation: str = "bilinear",
+    crop_pct: float = 1.0,
+) -> dict[str, Any]:
+    """Record the preprocessing ``model`` was trained with, so that every later save publishes it.
+
+    The evaluation preprocessing of the training run: resize to ``image_size / crop_pct`` (``interpolation``),
+    centre-crop ``image_size`` x ``image_size``, scale to [0, 1], normalise with ``mean`` / ``std`` (one value, or
+    one per channel). Written into:
+
+    * timm models (bare or ``TimmWrapper*``): ``model.pretrained_cfg`` (``input_size``, ``mean``, ``std``,
+      ``interpolation``, ``crop_pct``), hence the saved ``config.json``; ``timm.data.resolve_data_config`` and
+      ``AutoImageProcessor`` (``TimmWrapperImageProcessor``) read it back.
+    * transformers models: the ``preprocessor_config.json`` written at save time when the trainer has no
+      ``processing_class`` (:func:`save_image_processor`): size, ``crop_pct``, ``resample``, ``image_mean``,
+      ``image_std``.
+
+    Returns the timm-style data config. Raises ValueError for a value a loader could not reproduce.
+    """
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"record_preprocessing: image_size must be a positive int; got {image_size!r}")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"record_preprocessing: interpolation {interpolation!r} is not one of {_INTERPOLATIONS}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"record_preprocessing: crop_pct must be in (0, 1]; got {crop_pct!r}")
+
+    def per_channel(name: str, value) -> tuple[float, ...]:
+        values = (value,) * channels if isinstance(value, (int, float)) else tuple(value)
+        if len(values) != channels:
+            raise ValueError(f"record_preprocessing: {name} needs 1 or {channels} values; got {value!r}")
+        return tuple(float(v) for v in values)
+
+    data_config = {"input_size": (channels, image_size, image_size), "mean": per_channel("mean", mean),
+                   "std": per_channel("std", std), "interpolation": interpolation, "crop_pct": float(crop_pct)}
+    timm_model = timm_module(model)
+    if timm_model is not None:
+        cfg = {**dict(timm_model.pretrained_cfg or {}), **data_config}
+        for key, value in (("test_input_size", data_config["input_size"]), ("test_crop_pct", data_config["crop_pct"])):
+            if key in cfg:  # timm's "test at a larger size" entries would describe another preprocessing
+                cfg[key] = value
+        timm_model.pretrained_cfg = cfg
+        wrapper_config = getattr(unwrap_model(model), "config", None)
+        if wrapper_config is not None and isinstance(getattr(wrapper_config, "pretrained_cfg", None), dict):
+            wrapper_config.pretrained_cfg = {**wrapper_config.pretrained_cfg, **data_config}
+    else:
+        unwrap_model(model).vcreg_preprocessing = dict(data_config)
+    return data_config
+
+
+def _apply_preprocessing(processor: Any, data_config: dict[str, Any]) -> Any:
+    """``processor`` (a transformers image processor) changed to apply ``data_config`` (record_preprocessing)."""
+    from transformers.image_utils import PILImageResampling
+
+    size = data_config["input_size"][-1]
+    kwargs = {"image_mean": list(data_config["mean"]), "image_std": list(data_config["std"]),
+              "resample": PILImageResampling[data_config["interpolation"].upper()], "do_normalize": True,
+              "do_rescale": True, "rescale_factor": 1 / 255}
+    if getattr(processor, "crop_pct", None) is not None or processor.size.get("shortest_edge"):
+        kwargs["size"] = {"shortest_edge": size}  # ConvNeXt-style: resize to size / crop_pct, centre-crop size
+        if hasattr(processor, "crop_pct"):
+            kwargs["crop_pct"] = data_config["crop_pct"]
+    else:
+        kwargs["size"] = {"height": size, "width": size}
+    if getattr(processor, "crop_size", None) is not None:
+        kwargs["crop_size"] = {"height": size, "width": size}
+    return type(processor)(**{**processor.to_dict(), **kwargs})
+
+
 # ------------------------------------------------------------------------------------- image processor
 def default_image_processor(config: Any):
     """An image processor for a ``transformers`` model config, for checkpoints trained without one.
@@ -226,6 +312,9 @@ def save_image_processor(model: nn.Module, processing_class: Any, output_dir: st
     if config is None:
         return None
     processor = default_image_processor(config)
+    recorded = getattr(unwrap_model(model), "vcreg_preprocessing", None)  # record_preprocessing
+    if recorded:
+        processor = _apply_preprocessing(processor, recorded)
     processor.save_pretrained(str(output_dir))
     logger.info("No processing_class given: wrote a default %s (size %s) to %s.", type(processor).__name__,
                 dict(processor.size), path)
@@ -282,9 +371,34 @@ def _dataset_name(trainer: Any, dataset: str | list[str] | None) -> str | None:
     return f"{name} ({config_name})" if name and config_name and config_name != "default" else name
 
 
+HOMEPAGE = "https://github.com/hf-vcreg/hf_vcreg"
+"""The project's homepage (pyproject's ``[project.urls] Homepage``), linked from every card."""
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_repo_id(name: str | None) -> bool:
+    """``owner/name`` that is not a local path: a Hub checkpoint id (for ``base_model``)."""
+    return bool(name) and bool(_REPO_ID.match(name)) and not os.path.exists(name)
+
+
+def preprocessing_line(data_config: dict | None) -> str | None:
+    """One sentence describing a timm-style data config (:func:`record_preprocessing`), for the card."""
+    if not data_config or "input_size" not in data_config:
+        return None
+    channels, height, width = data_config["input_size"]
+    crop = data_config.get("crop_pct", 1.0) or 1.0
+    resize = (f"resize to {width}x{height}" if crop == 1.0
+              else f"resize the short side to {round(height / crop)} and centre-crop {width}x{height}")
+    mean = ", ".join(f"{v:g}" for v in data_config.get("mean", ()))
+    std = ", ".join(f"{v:g}" for v in data_config.get("std", ()))
+    return (f"{resize} ({data_config.get('interpolation', 'bilinear')}), {channels} channels, scale to [0, 1], "
+            f"normalise with mean ({mean}) and std ({std})")
+
+
 def render_model_card(
     *,
-    repo_id: str,
+    repo_id: str | None,
     library_name: str,
     vcreg_hparams: dict[str, Any],
     layer_names: list[str],
@@ -299,11 +413,14 @@ def render_model_card(
     vcreg_sources: str | None = None,
     monitor_only: bool = False,
     template_path: str | os.PathLike | None = None,
+    title: str | None = None,
+    preprocessing: str | None = None,
 ) -> ModelCard:
     """Render the VCReg model card (metadata + text) from explicit values; see :func:`model_card_from_trainer`.
 
-    ``library_name`` is ``"transformers"`` or ``"timm"`` (the checkpoint format). ``repo_id`` is a Hub id or a
-    local folder (the fine-tuning commands then use ``local-dir:`` for timm). The metadata carries the tags
+    ``library_name`` is ``"transformers"`` or ``"timm"`` (the checkpoint format). ``repo_id`` is the Hub id, or
+    None for a local save: the title is then ``title`` and the commands use a ``<path-or-repo-id>`` placeholder
+    (never a local absolute path). ``preprocessing`` is the sentence of :func:`preprocessing_line`. The metadata carries the tags
     ``vcreg``, ``image-classification`` (+ ``timm``), ``pipeline_tag: image-classification`` and, when an
     evaluation accuracy and a data set are known, a ``model-index`` entry. ``vcreg_sources`` is a sentence saying
     where the coefficients came from (:func:`vcreg_sources`); ``monitor_only`` says the layers were only monitored.
@@ -314,7 +431,7 @@ def render_model_card(
         if tag not in all_tags:
             all_tags.append(tag)
     metrics = final_metrics(log_history)
-    title = repo_id.rstrip("/").split("/")[-1]
+    title = repo_id.rstrip("/").split("/")[-1] if repo_id else (title or "VCReg-pretrained image classifier")
     eval_results = None
     accuracy = next((m[2] for m in metrics["eval"] if m[0] == "eval_accuracy"), None)
     if accuracy is not None and dataset:
@@ -331,14 +448,17 @@ def render_model_card(
         model_name=title if eval_results else None,
         eval_results=eval_results,
     )
-    local = os.path.isdir(repo_id) or repo_id.startswith((".", "/"))
+    target = repo_id or "<path-or-repo-id>"
     template = Path(template_path) if template_path else resources.files("hf_vcreg") / "model_cards" / CARD_TEMPLATE
     return ModelCard.from_template(
         card_data,
         template_str=template.read_text(encoding="utf-8"),
         title=title,
-        repo_id=repo_id,
-        timm_id=f"local-dir:{repo_id}" if local else f"hf-hub:{repo_id}",
+        repo_id=target,
+        local=repo_id is None,
+        homepage=HOMEPAGE,
+        preprocessing=preprocessing,
+        timm_id=f"hf-hub:{repo_id}" if repo_id else "hf-hub:<repo-id>",
         is_timm=is_timm,
         architecture=architecture,
         vcreg_hparams=[(k, _fmt(v)) for k, v in vcreg_hparams.items()],
@@ -370,19 +490,27 @@ def model_card_from_trainer(trainer: Any, repo_id: str | None = None, **kwargs: 
     """The card of a ``VCRegTrainer`` run (duck-typed: ``args``, ``model``, ``state``, ``vcreg_layer_names``, and
     ``vcreg_resolved`` / ``vcreg_family`` / ``vcreg_recommended``: the values used and where they came from).
 
-    ``kwargs`` are those of ``Trainer.create_model_card`` / ``push_to_hub``: ``dataset`` (display name; default:
-    the train data set's ``info.dataset_name``), ``dataset_tags`` (Hub data set ids for the metadata),
-    ``tags``, ``license``, ``finetuned_from``; others (``language``, ``tasks``, ``model_name``, ...) are ignored.
+    ``kwargs`` are those of ``Trainer.create_model_card`` / ``push_to_hub``: ``dataset`` or ``dataset_name``
+    (display name; default: the train data set's ``info.dataset_name``), ``dataset_tags`` (Hub data set ids for
+    the metadata), ``tags``, ``license``, ``finetuned_from`` (``base_model``; default: the config's
+    ``_name_or_path`` when it is a Hub id), ``model_name`` (the title of a card without a repo id); others
+    (``language``, ``tasks``, ...) are ignored.
     """
     args = trainer.args
     model = unwrap_model(trainer.model)
     timm_model = timm_module(model)
-    if repo_id is None:
-        repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or os.path.abspath(args.output_dir)
+    if repo_id is None:  # never the output folder's name or path: the Hub id, else a placeholder in the commands
+        repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or None
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if timm_model is not None:
-        architecture = f"timm `{timm_model.pretrained_cfg.get('architecture', type(timm_model).__name__)}`"
+        arch_name = timm_model.pretrained_cfg.get("architecture", type(timm_model).__name__)
+        architecture = f"timm `{arch_name}`"
+        data_config = dict(timm_model.pretrained_cfg)
     else:
+        arch_name = name_or_path.rstrip("/").split("/")[-1] if looks_like_repo_id(name_or_path) else type(model).__name__
         architecture = f"transformers `{type(model).__name__}`"
+        data_config = getattr(model, "vcreg_preprocessing", None)
+    base_model = kwargs.get("finetuned_from") or (name_or_path if looks_like_repo_id(name_or_path) else None)
     dataset_tags = kwargs.get("dataset_tags")
     tags = kwargs.get("tags")
     tags = ([tags] if isinstance(tags, str) else list(tags or [])) + list(getattr(model, "model_tags", None) or [])
@@ -396,11 +524,13 @@ def model_card_from_trainer(trainer: Any, repo_id: str | None = None, **kwargs: 
         layer_names=list(getattr(trainer, "vcreg_layer_names", []) or []),
         architecture=architecture,
         log_history=list(trainer.state.log_history),
-        dataset=_dataset_name(trainer, kwargs.get("dataset")),
+        dataset=_dataset_name(trainer, kwargs.get("dataset") or kwargs.get("dataset_name")),
         dataset_ids=[dataset_tags] if isinstance(dataset_tags, str) else dataset_tags,
         tags=tags,
         license=kwargs.get("license"),
-        base_model=kwargs.get("finetuned_from"),
+        base_model=base_model,
+        title=kwargs.get("model_name") or f"{arch_name} pretrained with VCReg",
+        preprocessing=preprocessing_line(data_config),
         training_hparams={
             "learning_rate": args.learning_rate,
             "train_batch_size (per device)": args.per_device_train_batch_size,
@@ -489,29 +619,43 @@ class HubPublishingMixin:
         return model_card_from_trainer(self, **{**getattr(self, "_card_kwargs", {}), **kwargs})
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, dataset_name=None) -> None:
         """Write the VCReg card to ``output_dir/README.md``; the arguments are remembered for later saves."""
+        model_name = model_name if model_name != Path(self.args.output_dir).absolute().name else None
         given = dict(license=license, tags=tags, finetuned_from=finetuned_from, dataset_tags=dataset_tags,
-                     dataset=dataset)
+                     dataset=dataset or dataset_name, model_name=model_name)
         self._card_kwargs = {**getattr(self, "_card_kwargs", {}), **{k: v for k, v in given.items() if v is not None}}
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             self.model_card().save(os.path.join(self.args.output_dir, "README.md"))
 
+    def _hub_repo_name(self) -> str:
+        return self.args.hub_model_id or f"{Path(self.args.output_dir).absolute().name} (from output_dir)"
+
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         try:
             super().init_hf_repo(token, private)
         except HUB_ERRORS as err:
-            raise push_error(err, self.args.output_dir, self.args.hub_model_id, creating=True) from err
+            state = getattr(self, "state", None)  # None while Trainer.__init__ creates the repo
+            raise push_error(err, self.args.output_dir, self._hub_repo_name(), creating=True,
+                             trained_steps=getattr(state, "global_step", 0)) from err
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
-        """``Trainer.push_to_hub``; a failed upload raises :class:`HubPushError` and a retry resumes it."""
+        """``Trainer.push_to_hub``, local first: the complete checkpoint (weights, config, preprocessing, card) is
+        written to ``output_dir`` before any network call; a failure then raises :class:`HubPushError` saying what
+        is on disk, what failed and how to retry (a retry resumes)."""
+        card_keys = ("license", "tags", "finetuned_from", "dataset_tags", "dataset", "dataset_name", "model_name")
+        self.create_model_card(**{k: kwargs[k] for k in card_keys if kwargs.get(k) is not None})
+        kwargs.pop("dataset_name", None)  # ours: remembered above (Trainer.create_model_card has no such argument)
+        self.save_model(_internal_call=True)
         try:
             return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        except HubPushError:
+            raise
         except HUB_ERRORS as err:
-            repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
-            raise push_error(err, self.args.output_dir, repo_id) from err
+            repo_id = getattr(self, "hub_model_id", None) or self._hub_repo_name()
+            raise push_error(err, self.args.output_dir, repo_id, trained_steps=self.state.global_step) from err
 
     def _finish_current_push(self) -> None:
         super()._finish_current_push()

@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_pt_utils import LabelSmoother
 
 from .capture import BlockCapture, CapturedLayer, layer_widths, sample_rows, select_layers, unwrap_model
 from .checkpointing import AtomicCheckpointMixin, last_complete_checkpoint
@@ -61,6 +62,22 @@ from .publishing import HubPublishingMixin
 __all__ = ["VCRegTrainer", "last_complete_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over the batch of ``-sum_c q_c log softmax(logits)_c`` for soft targets ``q`` of shape (B, C).
+
+    ``q`` comes from mixup / cutmix (rows sum to 1); ``label_smoothing`` mixes it with the uniform
+    distribution first, ``q' = (1 - s) q + s / C``, as ``F.cross_entropy(label_smoothing=s)`` does for hard
+    labels. Computed in float32.
+    """
+    if targets.shape != logits.shape:
+        raise ValueError(f"soft labels of shape {tuple(targets.shape)} do not match the logits {tuple(logits.shape)}: "
+                         "give one probability per class (B, num_labels).")
+    targets = targets.float()
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
 class ReentrantCheckpointError(RuntimeError):
@@ -102,7 +119,13 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
                 "VCRegConfig(output_dir=..., vcreg_alpha=..., **other_training_arguments)."
             )
         args._validate_vcreg()  # again: fields may have been changed after the config was built
-        super().__init__(model, args, *a, **kw)
+        # Trainer.__init__ reads model.config for label smoothing, which a bare timm model lacks: the trainer sets
+        # the label smoother itself (transformers models), bare models smooth in _task_loss.
+        smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
+        try:
+            super().__init__(model, args, *a, **kw)
+        finally:
+            args.label_smoothing_factor = smoothing
         # The trainer computes per-micro-batch means; never let the model normalise by num_items_in_batch.
         self.model_accepts_loss_kwargs = False
         self._vcreg_metrics: dict[str, dict[str, list[torch.Tensor]]] = {
@@ -138,6 +161,9 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         self._remove_hooks()  # those of the previous model, if any
         base = unwrap_model(self.model)
         self._bare_model = not isinstance(base, PreTrainedModel)
+        # transformers models: the Trainer's label smoother; bare models: _task_loss applies the factor itself
+        smoothing = args.label_smoothing_factor
+        self.label_smoother = LabelSmoother(epsilon=smoothing) if smoothing and not self._bare_model else None
         if self._bare_model and not self.label_names:
             self.label_names = ["labels"]
         if hasattr(base, "add_model_tags"):
@@ -245,15 +271,25 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
         return out
 
     def _task_loss(self, model, inputs):
-        if not self._bare_model:
+        labels = inputs.get("labels")
+        soft = isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.ndim == 2
+        if not self._bare_model and not soft:
             return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
+        if soft and not self._bare_model:
+            # Soft targets (mixup / cutmix): transformers' image classifiers would switch to multi-label BCE for
+            # float labels, so the model runs without labels and the trainer computes the soft cross-entropy.
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            return soft_target_cross_entropy(logits, labels, self.args.label_smoothing_factor), outputs
         if "pixel_values" not in inputs or "labels" not in inputs:
             raise KeyError(
                 f"A bare (non-transformers) model gets inputs['pixel_values'] and inputs['labels']; the batch has "
                 f"{sorted(inputs)}. Produce those two columns in your dataset transform or collator."
             )
         logits = model(inputs["pixel_values"])
-        loss = F.cross_entropy(logits.float(), inputs["labels"], label_smoothing=self.args.label_smoothing_factor)
+        if soft:
+            return soft_target_cross_entropy(logits, labels, self.args.label_smoothing_factor), {"logits": logits}
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
         return loss, {"logits": logits}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

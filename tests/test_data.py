@@ -1,4 +1,4 @@
-"""Offline data for the examples (hf_vcreg/data.py): exact schemas, class counts, transforms, seeding."""
+"""Offline data for the examples (examples/offline_data.py): exact schemas, class counts, transforms, seeding."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from datasets import ClassLabel, Features, Image
 
 from benchmarks.evidence.data import DIGITS_COARSE, DIGITS_COARSE_NAMES, coarse_labels
-from hf_vcreg.data import DIGITS_NAMES, load_digits_dataset, with_transforms
+from examples.offline_data import DIGITS_NAMES, load_digits_dataset, with_transforms
 
 DIGITS_TRAIN_COUNTS = [133, 136, 133, 137, 136, 136, 136, 134, 131, 135]  # seed 0, test_size 0.25
 DIGITS_TEST_COUNTS = [45, 46, 44, 46, 45, 46, 45, 45, 43, 45]

@@ -173,6 +173,49 @@ def test_server_down_at_start_raises_before_training_and_retry_pushes(hub_server
     assert result["error"] is None and hub_server.branch_head("test-user/flaky") == result["commit"]
 
 
+def test_offline_push_after_training_keeps_a_complete_folder_and_says_what_happened(hub_server, hub_env, tmp_path):
+    hub_server.stop()  # offline: the Hub cannot be reached at all
+    out = tmp_path / "out"
+    result = _script(TESTS / "_flaky_push.py", [str(out), "--no-retry"], hub_env, timeout=240)
+    error = result["error"]
+    assert error.startswith(f"Training finished (1 steps); the checkpoint is complete at '{out}' (weights, config, "
+                            "preprocessing, model card)")
+    assert "Pushing it to the Hub repo 'test-user/flaky' failed in creating the repo: " in error
+    assert "Nothing was trained" not in error and "call trainer.push_to_hub() again" in error
+    # written before any network call: complete, and loads with the trained weights
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md",
+            "training_args.bin"} <= set(result["files"])
+    assert result["same"] is True and result["commit"] is None
+
+
+def test_no_token_in_any_pushed_or_saved_file(hub_server, hub_env, tmp_path):
+    token = hub_env["HF_TOKEN"]  # the test server's write token, also passed as hub_token
+    out = tmp_path / "out"
+    result = _script(TESTS / "_flaky_push.py", [str(out), "--hub-token", token], hub_env, timeout=240)
+    assert result["error"] is None and hub_server.branch_head("test-user/flaky") == result["commit"]
+    pushed = hub_server.list_files("test-user/flaky")
+    assert "training_args.bin" in pushed and "README.md" in pushed
+    for name in pushed:
+        assert token.encode() not in hub_server.read_file("test-user/flaky", name), name
+    local = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in local)
+    for path in local:
+        assert token.encode() not in path.read_bytes(), path
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert args.hub_token is None and args.hub_model_id == "test-user/flaky"  # the rest of the config is kept
+
+
+def test_pushed_card_takes_dataset_name_and_license_from_push_kwargs(hub_server, hub_env, tmp_path):
+    kwargs = {"dataset_name": "fashion_mnist", "license": "apache-2.0"}
+    result = _script(TESTS / "_flaky_push.py", [str(tmp_path / "out"), "--push-kwargs", json.dumps(kwargs)],
+                     hub_env, timeout=240)
+    assert result["error"] is None
+    card = ModelCard(hub_server.read_file("test-user/flaky", "README.md").decode())
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["fashion_mnist"]
+    assert card.text.splitlines()[card.text.splitlines().index("# flaky")] == "# flaky"  # title from the repo id
+    assert "- Data set: fashion_mnist" in card.text and str(tmp_path) not in card.text
+
+
 # ------------------------------------------------------------------------------ examples/finetune.py
 def test_finetune_example_linear_probe_on_published_timm_checkpoint_without_hf_vcreg(published, tmp_path):
     out = tmp_path / "probe"
@@ -266,3 +309,41 @@ def test_card_tables_render_every_value_exactly_in_github_markdown():
     expected["learning_rate"] = repr(float(hparams["learning_rate"]))
     assert shown == expected
     assert float(shown["vcreg_alpha"]) == 0.0123456789 and float(shown["learning_rate"]) == np.float64(0.1) / 3
+
+
+# ------------------------------------------------------------------------------ the card of a local save
+def test_local_card_has_a_model_title_no_absolute_path_base_model_and_the_homepage(tmp_path):
+    from markdown_it import MarkdownIt
+
+    from _tiny_models import hf_vit
+
+    model = hf_vit()
+    model.config._name_or_path = "google/vit-base-patch16-224"  # what from_pretrained("<hub id>") records
+    out = tmp_path / "vcreg"
+    args = VCRegConfig(output_dir=str(out), report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = VCRegTrainer(model=model, args=args)
+    trainer.create_model_card(dataset="Fashion-MNIST", license="mit")
+    trainer.save_model()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "google/vit-base-patch16-224" and card.data.license == "mit"
+    lines = card.text.splitlines()
+    assert "# vit-base-patch16-224 pretrained with VCReg" in lines and "# vcreg" not in lines
+    assert str(tmp_path) not in card.content and "<path-or-repo-id>" in card.text
+    assert "--model_name_or_path <path-or-repo-id>" in card.text
+    assert "- Data set: Fashion-MNIST" in card.text and "not recorded" not in card.text
+    assert "[hf_vcreg](https://github.com/hf-vcreg/hf_vcreg)" in card.text
+    html = MarkdownIt("commonmark").enable("table").render(card.text)
+    assert '<a href="https://github.com/hf-vcreg/hf_vcreg">hf_vcreg</a>' in html and "<table>" in html
+
+    plain = VCRegTrainer(model=hf_vit(), args=VCRegConfig(output_dir=str(tmp_path / "plain"), report_to=[],
+                                                          use_cpu=True))
+    card = publishing.model_card_from_trainer(plain)
+    assert card.data.base_model is None  # built from a config: no Hub checkpoint to name
+    assert "# ViTForImageClassification pretrained with VCReg" in card.text.splitlines()
+
+
+def test_homepage_matches_pyproject():
+    import tomllib
+
+    urls = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"]["urls"]
+    assert urls["Homepage"] == publishing.HOMEPAGE == "https://github.com/hf-vcreg/hf_vcreg"

@@ -1,7 +1,7 @@
 """The evidence protocol's data, built offline: Fashion-MNIST (source), scikit-learn digits (target), two moons.
 
 Builders that return `datasets` objects (Hub schema: an ``image`` column of `datasets.Image()`, a ``label``
-column of `datasets.ClassLabel`), as :mod:`hf_vcreg.data` does for the examples:
+column of `datasets.ClassLabel`), as :mod:`examples.offline_data` does for the examples:
 
 - `load_fashion_mnist`: the 70k 28x28 Fashion-MNIST images from the IDX files of the Debian package
   ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist`` puts them in
@@ -16,8 +16,6 @@ The protocol itself works on tensors (decoding 70k PNG-encoded rows would cost a
 
 from __future__ import annotations
 
-import gzip
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,19 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Sequence as SequenceFeature
 
-from hf_vcreg.data import DatasetOrDict, _image_dataset, load_digits_dataset, with_transforms
+from examples.offline_data import (  # the one offline Fashion-MNIST / digits reader, shared with the examples
+    FASHION_MNIST_FILES,
+    FASHION_MNIST_NAMES,
+    FASHION_MNIST_ROOT,
+    DatasetOrDict,
+    fashion_mnist_arrays,
+    load_digits_dataset,
+    load_fashion_mnist,
+    read_idx,
+    stratified_indices,
+    stratified_split,
+    with_transforms,
+)
 
 __all__ = [
     "DIGITS_COARSE",
@@ -54,20 +64,6 @@ __all__ = [
     "two_moons_separable",
 ]
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-"""Where the Debian package ``dataset-fashion-mnist`` installs the four gzipped IDX files."""
-
-FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-"""(images, labels) IDX file names per split, without the optional ``.gz`` suffix."""
-
-FASHION_MNIST_NAMES: list[str] = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
-"""Class names in label order, as in the Hub's ``fashion_mnist`` data set."""
-
 FASHION_MNIST_COARSE_NAMES: list[str] = ["tops", "bottoms_and_dresses", "footwear", "bags"]
 FASHION_MNIST_COARSE: dict[int, int] = {
     0: 0, 2: 0, 4: 0, 6: 0,  # T-shirt/top, Pullover, Coat, Shirt -> tops
@@ -85,97 +81,6 @@ DIGITS_COARSE: dict[int, int] = {
 }
 """Fine digit -> superclass index into `DIGITS_COARSE_NAMES`, grouped by stroke shape (our choice:
 no standard hierarchy exists for digits; each superclass mixes 3-4 visually distinct digits)."""
-
-
-# ---------------------------------------------------------------------------------------------- Fashion-MNIST
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (gzipped if the name ends in ``.gz``) into a numpy array.
-
-    Format (LeCun's MNIST format): big-endian header ``0x00 0x00 <type> <ndim>``, then ``ndim``
-    uint32 sizes, then the data; only type 0x08 (unsigned byte) is used by (Fashion-)MNIST.
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    zeros, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zeros != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic bytes {raw[:4].hex()})")
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {data.size} values")
-    return data.reshape(shape)
-
-
-def _find_idx(root: Path, name: str) -> Path:
-    """``root/name`` or ``root/name.gz``, whichever exists; FileNotFoundError with the install fix otherwise."""
-    for candidate in (root / name, root / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"Fashion-MNIST file not found: {root / name}[.gz]. Install the Debian package with "
-        f"`apt-get install dataset-fashion-mnist` (it puts the IDX files in {FASHION_MNIST_ROOT}), "
-        f"or pass root=<folder holding {name}[.gz]>."
-    )
-
-
-def fashion_mnist_arrays(root: str | Path = FASHION_MNIST_ROOT) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"train": (images, labels), "test": (images, labels)}``: (N, 28, 28) uint8 and (N,) int64 arrays.
-
-    Reads ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
-    ``t10k-labels-idx1-ubyte`` (each plain or ``.gz``) under ``root``. Raises FileNotFoundError naming the
-    missing file and the ``apt-get install`` fix.
-    """
-    root = Path(root)
-    arrays = {}
-    for split, (image_name, label_name) in FASHION_MNIST_FILES.items():
-        images = read_idx(_find_idx(root, image_name))
-        labels = read_idx(_find_idx(root, label_name)).astype(np.int64)
-        if images.ndim != 3 or len(images) != len(labels):
-            raise ValueError(f"{root}: {split} images of shape {images.shape} do not match {len(labels)} labels")
-        arrays[split] = (images, labels)
-    return arrays
-
-
-def stratified_split(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(chosen, rest)``: a seeded stratified sample of ``size`` rows of ``range(len(labels))``
-    (`sklearn.model_selection.train_test_split` with ``random_state=seed``) and the other rows, both sorted."""
-    num_classes = len(np.unique(labels))
-    if size < num_classes:
-        raise ValueError(f"a stratified subsample needs one row per class: size {size} < {num_classes} classes")
-    from sklearn.model_selection import train_test_split
-
-    chosen, rest = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
-    return np.sort(chosen), np.sort(rest)
-
-
-def stratified_indices(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded stratified subsample of ``size`` rows (all rows if size is None or >= N)."""
-    if size is None or size >= len(labels):
-        return np.arange(len(labels))
-    return stratified_split(labels, size, seed)[0]
-
-
-def load_fashion_mnist(
-    root: str | Path = FASHION_MNIST_ROOT,
-    max_train: int | None = None,
-    max_test: int | None = None,
-    seed: int = 0,
-) -> DatasetDict:
-    """Fashion-MNIST (60000 train, 10000 test 28x28 grey images, 10 classes) from local IDX files.
-
-    The arrays of `fashion_mnist_arrays` as a ``DatasetDict(train, test)``. ``max_train`` / ``max_test``
-    keep a seeded stratified subsample of that many rows (`train_test_split` with ``random_state=seed``,
-    rows in original order); None keeps the whole split. Class names are `FASHION_MNIST_NAMES`. Building
-    the full set (PNG-encoding 70k images) takes a few seconds.
-    """
-    limits = {"train": max_train, "test": max_test}
-    splits = {}
-    for split, (images, labels) in fashion_mnist_arrays(root).items():
-        keep = stratified_indices(labels, limits[split], seed)
-        splits[split] = _image_dataset(images[keep], labels[keep], FASHION_MNIST_NAMES)
-    return DatasetDict(splits)
 
 
 # ---------------------------------------------------------------------------------------------- superclasses
@@ -324,7 +229,7 @@ def two_moons_separable(n: int = 300, noise: float = 0.1, margin: float = 0.1, s
 
 # ---------------------------------------------------------------------------------------------- protocol splits
 MEAN = STD = 0.5
-"""Pixel normalisation ``(pixel / 255 - MEAN) / STD`` in [-1, 1]: the defaults of `hf_vcreg.data.with_transforms`."""
+"""Pixel normalisation ``(pixel / 255 - MEAN) / STD`` in [-1, 1]: the defaults of `examples.offline_data.with_transforms`."""
 
 
 @dataclass(frozen=True)
@@ -357,7 +262,7 @@ class ProtocolData:
     - ``test``: the Fashion-MNIST test split (or a stratified subset of it, for tests): reported for the chosen
       settings only;
     - ``digits_train`` / ``digits_val`` / ``digits_test``: scikit-learn digits upsampled to 28x28 (bilinear,
-      `hf_vcreg.data.with_transforms`, same normalisation), stratified 50 / 25 / 25 % (seed ``split_seed``):
+      `examples.offline_data.with_transforms`, same normalisation), stratified 50 / 25 / 25 % (seed ``split_seed``):
       the cross-domain probe trains on the first and is scored on the other two.
     """
 
