@@ -30,6 +30,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 __all__ = [
     "DIGITS_NAMES",
+    "FASHION_MNIST_COARSE",
+    "FASHION_MNIST_COARSE_NAMES",
     "FASHION_MNIST_FILES",
     "FASHION_MNIST_NAMES",
     "FASHION_MNIST_ROOT",
@@ -60,6 +62,15 @@ FASHION_MNIST_NAMES: list[str] = [
 """Class names in label order, as in the Hub's ``fashion_mnist`` data set."""
 
 DatasetOrDict = TypeVar("DatasetOrDict", Dataset, DatasetDict)
+
+FASHION_MNIST_COARSE_NAMES: list[str] = ["tops", "bottoms_and_dresses", "footwear", "bags"]
+FASHION_MNIST_COARSE: dict[int, int] = {
+    0: 0, 2: 0, 4: 0, 6: 0,  # T-shirt/top, Pullover, Coat, Shirt -> tops
+    1: 1, 3: 1,  # Trouser, Dress -> bottoms_and_dresses
+    5: 2, 7: 2, 9: 2,  # Sandal, Sneaker, Ankle boot -> footwear
+    8: 3,  # Bag -> bags
+}
+"""Fine Fashion-MNIST label -> superclass index into `FASHION_MNIST_COARSE_NAMES`."""
 
 
 def _image_dataset(images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> Dataset:

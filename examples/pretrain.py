@@ -44,7 +44,13 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: offline_data, finetune
 
-from offline_data import load_digits_dataset, load_fashion_mnist, stratified_indices  # noqa: E402
+from offline_data import (  # noqa: E402
+    FASHION_MNIST_COARSE,
+    FASHION_MNIST_COARSE_NAMES,
+    load_digits_dataset,
+    load_fashion_mnist,
+    stratified_indices,
+)
 
 from hf_vcreg import VCRegConfig, VCRegTrainer  # noqa: E402
 from hf_vcreg.publishing import record_preprocessing  # noqa: E402
@@ -56,11 +62,11 @@ RUNS = ("baseline", "vcreg")
 # The script's defaults, applied with parser.set_defaults: `--help` shows them and a JSON config starts from them.
 SCRIPT_DEFAULTS: dict = {
     # data and model: a run of about 5 minutes on 2 CPU cores for 3 seeds x 2 runs
-    "model_name": "resnet", "dataset_name": "fashion_mnist", "image_size": 28, "max_train_samples": 1000,
-    "max_eval_samples": 1000, "seeds": "0,1,2", "transfer": "digits",
+    "model_name": "resnet", "dataset_name": "fashion_mnist", "image_size": 28, "max_train_samples": 20000,
+    "max_eval_samples": 5000, "seeds": "0,1,2", "transfer": "fine_labels",
     # TrainingArguments
-    "output_dir": "outputs/pretrain", "num_train_epochs": 3, "per_device_train_batch_size": 64,
-    "per_device_eval_batch_size": 256, "learning_rate": 2e-3, "weight_decay": 0.05, "lr_scheduler_type": "cosine",
+    "output_dir": "outputs/pretrain", "num_train_epochs": 3, "per_device_train_batch_size": 256,
+    "per_device_eval_batch_size": 256, "learning_rate": 4e-3, "weight_decay": 0.05, "lr_scheduler_type": "cosine",
     "warmup_steps": 0.05, "eval_strategy": "no", "save_strategy": "no", "logging_steps": 10, "report_to": "none",
     "remove_unused_columns": False, "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0,
     "dataloader_pin_memory": False,
@@ -71,8 +77,8 @@ The options that matter first (script defaults in brackets; every TrainingArgume
   --model_name     resnet | vit (small transformers models) | timm:<arch> | a transformers checkpoint [resnet]
   --dataset_name   fashion_mnist (offline, Debian package dataset-fashion-mnist) | digits | a Hub data set
   --train_dir      an imagefolder directory instead
-  --seeds 0,1,2    --runs baseline,vcreg    --transfer digits|none    --save_final_model true
-  --image_size 28  --max_train_samples 1000 --max_eval_samples 1000   --num_train_epochs 3  --learning_rate 2e-3
+  --seeds 0,1,2    --runs baseline,vcreg    --transfer fine_labels|digits|none    --save_final_model true
+  --image_size 28  --max_train_samples 20000 --max_eval_samples 5000  --num_train_epochs 3  --learning_rate 4e-3
   --rrc_scale 1.0 (RandomResizedCrop lower scale; 1 = off)  --hflip false  --auto_augment none|trivial|rand
   --mixup_alpha 0  --cutmix_alpha 0 (soft labels, soft-target cross-entropy)  --label_smoothing_factor 0
   --drop_path_rate 0 (timm models / transformers configs that have it)
@@ -114,7 +120,11 @@ class DataArguments:
     image_size: int = field(default=28, metadata={"help": "Training resolution (image_size x image_size)."})
     max_train_samples: int | None = field(default=1000, metadata={"help": "Stratified training subset (None: all)."})
     max_eval_samples: int | None = field(default=1000, metadata={"help": "Stratified test subset (None: all)."})
-    transfer: str = field(default="digits", metadata={"help": "Linear-probe target: 'digits' (scikit-learn) or 'none'."})
+    transfer: str = field(
+        default="fine_labels",
+        metadata={"help": "Linear-probe target. 'fine_labels' (Fashion-MNIST only): pretrain on its 4 superclasses, "
+                  "probe the 10 classes (hierarchical transfer); 'digits': probe scikit-learn's digits "
+                  "(cross-domain); 'none'."})
     rrc_scale: float = field(default=1.0, metadata={"help": "RandomResizedCrop scale lower bound (1.0: off)."})
     hflip: bool = field(default=False, metadata={"help": "Random horizontal flip."})
     auto_augment: str = field(default="none", metadata={"help": "'none', 'trivial' (TrivialAugmentWide) or 'rand' (RandAugment)."})
@@ -175,6 +185,28 @@ def load_data(args: DataArguments):
             labels = np.asarray(data[split]["label"])
             data[split] = data[split].select(stratified_indices(labels, limit, seed=0))
     return data
+
+
+PROBE_TRAIN = 10_000  # training images (fine labels) the hierarchical probe is fitted on
+TRANSFER_TEXT = {
+    "fine_labels": "the 10 classes from the 4-superclass model (hierarchical), linear probe on frozen features",
+    "digits": "scikit-learn digits (cross-domain), linear probe on frozen features",
+    "none": "none",
+}
+
+
+def to_superclasses(data):
+    """Relabel Fashion-MNIST to its 4 superclasses (tops, bottoms and dresses, footwear, bags): returns the
+    relabelled ``DatasetDict`` and ``{split: fine labels}`` (numpy) for the hierarchical probe."""
+    from datasets import ClassLabel
+
+    lookup = np.array([FASHION_MNIST_COARSE[i] for i in range(len(FASHION_MNIST_COARSE))])
+    fine = {split: np.asarray(data[split]["label"]) for split in data}
+    features = data["train"].features.copy()
+    features["label"] = ClassLabel(names=FASHION_MNIST_COARSE_NAMES)
+    coarse = data.map(lambda batch: {"label": lookup[np.asarray(batch["label"])].tolist()}, batched=True,
+                      features=features)
+    return coarse, fine
 
 
 def make_transform(args: DataArguments, train: bool):
@@ -247,7 +279,7 @@ def build_model(name: str, num_labels: int, image_size: int, id2label: dict[int,
         extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         return timm.create_model(arch, num_classes=num_labels, **extra)
     if name == "resnet":
-        config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+        config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2],
                                            layer_type="basic", **labels)
     elif name == "vit":
         config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -388,7 +420,7 @@ def render(summary: dict) -> str:
         f"{summary['test_size']} test images, {summary['epochs']:g} epochs), transfer: {summary['transfer']}; "
         f"seeds {','.join(summary['seeds'])}; mean ± std over seeds",
         f"VCReg: vcreg_alpha={coeffs['vcreg_alpha']}, vcreg_beta={coeffs['vcreg_beta']} ({coeffs['source']}), "
-        f"{coeffs['layers']} layers; baseline: same model and seed, statistics via vcreg_monitor_only",
+        f"vcreg_layers={coeffs['vcreg_layers']!r} ({coeffs['layers']} layers); baseline: same model and seed, statistics via vcreg_monitor_only",
         "",
         render_table(summary),
         "",
@@ -455,13 +487,22 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()  # one table on the console, nothing else
     torch.set_num_threads(max(1, model_args.torch_threads))
     try:
         if data_args.auto_augment not in ("none", "trivial", "rand"):
             raise ConfigError(f"--auto_augment {data_args.auto_augment!r}: use none, trivial or rand.")
-        if data_args.transfer not in ("digits", "none"):
-            raise ConfigError(f"--transfer {data_args.transfer!r}: use digits or none.")
+        if data_args.transfer not in ("fine_labels", "digits", "none"):
+            raise ConfigError(f"--transfer {data_args.transfer!r}: use fine_labels, digits or none.")
+        if data_args.transfer == "fine_labels" and (data_args.dataset_name != "fashion_mnist" or data_args.train_dir):
+            raise ConfigError("--transfer fine_labels needs --dataset_name fashion_mnist (its superclasses are "
+                              "known); use --transfer digits or none for other data.")
         data = load_data(data_args)
+        fine = None
+        if data_args.transfer == "fine_labels":  # pretrain on the superclasses; the 10 classes are the target
+            data, fine = to_superclasses(data)
         names = data["train"].features["label"].names
         id2label = dict(enumerate(names))
         train = data["train"].with_transform(make_transform(data_args, train=True))
@@ -471,7 +512,14 @@ def main(argv: list[str] | None = None) -> dict:
         return _config_error(err)
 
     transfer = None
-    if data_args.transfer == "digits":
+    if fine is not None:
+        to_pixels = make_transform(replace(data_args, rrc_scale=1.0, hflip=False, auto_augment="none"), train=False)
+        probe_rows = stratified_indices(fine["train"], min(len(fine["train"]), PROBE_TRAIN), seed=0)
+        transfer = {"train": {"pixel_values": to_pixels(data["train"].select(probe_rows)[:])["pixel_values"],
+                              "labels": torch.as_tensor(fine["train"][probe_rows])},
+                    "test": {"pixel_values": to_pixels(data["test"][:])["pixel_values"],
+                             "labels": torch.as_tensor(fine["test"])}}
+    elif data_args.transfer == "digits":
         digits = load_digits_dataset()
         to_pixels = make_transform(replace(data_args, rrc_scale=1.0, hflip=False, auto_augment="none"), train=False)
         transfer = {split: to_pixels(digits[split][:]) for split in ("train", "test")}
@@ -505,14 +553,15 @@ def main(argv: list[str] | None = None) -> dict:
     vcreg_trainer = next((t for (s, r), t in trainers.items() if r == "vcreg"), first)
     resolved = vcreg_trainer.vcreg_resolved
     source = ("per-family default for a " + vcreg_trainer.vcreg_family + " model"
-              if len(vcreg_trainer.vcreg_recommended) == 2 else "set by the user" if not vcreg_trainer.vcreg_recommended
+              if set(vcreg_trainer.vcreg_recommended) >= {"vcreg_alpha", "vcreg_beta"} else "set by the user" if not vcreg_trainer.vcreg_recommended
               else "partly the per-family default")
     example = saved[-1] if saved else "<output_dir>/vcreg-seed0"
     meta = {
         "model": model_args.model_name, "data": _data_name(data_args), "train_size": len(data["train"]),
         "test_size": len(data["test"]), "epochs": config.num_train_epochs, "seeds": seeds,
-        "transfer": "scikit-learn digits, linear probe on frozen features" if transfer else "none",
+        "transfer": TRANSFER_TEXT[data_args.transfer],
         "vcreg": {"vcreg_alpha": resolved["vcreg_alpha"], "vcreg_beta": resolved["vcreg_beta"], "source": source,
+                  "vcreg_layers": resolved["vcreg_layers"],
                   "layers": len(vcreg_trainer.vcreg_layer_names), "family": vcreg_trainer.vcreg_family},
         "torch_threads": torch.get_num_threads(), "saved": saved, "output_dir": config.output_dir,
         "next_step": (f"publish: trainer.push_to_hub() or `hf upload <user>/<repo> {example}`; fine-tune: "

@@ -16,16 +16,16 @@ from transformers import TrainingArguments
 __all__ = ["RECOMMENDED", "VCRegConfig"]
 
 RECOMMENDED: dict[str, dict[str, Any]] = {
-    "cnn": {"vcreg_alpha": 1.0, "vcreg_beta": 10.0, "vcreg_layers": "blocks"},
+    "cnn": {"vcreg_alpha": 1.0, "vcreg_beta": 1.0, "vcreg_layers": "last"},
     "transformer": {"vcreg_alpha": 0.01, "vcreg_beta": 0.1, "vcreg_layers": "blocks"},
 }
 """Recommended ``vcreg_*`` values per model family (:func:`hf_vcreg.family.model_family`: ``"cnn"`` or
 ``"transformer"``). A field listed here defaults to ``None`` in :class:`VCRegConfig`, which means "this table's
 value for the model's family"; the trainer fills it in when it is built (``VCRegTrainer.vcreg_resolved``), and an
 explicit value always wins. Every family lists the same fields, and only fields whose ``None`` means "recommended"
-belong here (``vcreg_delta`` / ``vcreg_max_rows`` use ``None`` for "off"). PROVISIONAL values, to be replaced from
-the evidence protocol's pick (``benchmarks/results/evidence/selection.json``, pinned by
-``tests/test_config_validation.py``)."""
+belong here (``vcreg_delta`` / ``vcreg_max_rows`` use ``None`` for "off"). The values are the evidence suite's choice
+per family (``benchmarks/results/evidence/selection.json``, pinned by ``tests/test_config_validation.py``; how they
+were chosen and what they do: ``benchmarks/RESULTS.md``)."""
 
 @dataclass
 class VCRegConfig(TrainingArguments):

@@ -16,7 +16,7 @@ TINY = ["--seeds", "0", "--max_train_samples", "64", "--max_eval_samples", "40",
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny run of the main command (1 seed, baseline + VCReg, digits probe) with its console output."""
+    """One tiny run of the main command (1 seed, baseline + VCReg, hierarchical probe) with its console output."""
     import contextlib
     import io
 
@@ -46,8 +46,11 @@ def test_summary_holds_both_runs_statistics_and_paired_deltas(tiny_run):
         assert delta["ahead"] == int(delta["per_seed"][0] > 0)
     # VCReg at the library's per-family defaults, read from the trainer (the tiny ResNet is a CNN)
     assert summary["vcreg"]["family"] == "cnn"
-    assert {k: summary["vcreg"][k] for k in ("vcreg_alpha", "vcreg_beta")} == RECOMMENDED["cnn"]
-    assert summary["vcreg"]["source"] == "per-family default for a cnn model" and summary["vcreg"]["layers"] == 4
+    assert {k: summary["vcreg"][k] for k in ("vcreg_alpha", "vcreg_beta", "vcreg_layers")} == RECOMMENDED["cnn"]
+    assert summary["vcreg"]["source"] == "per-family default for a cnn model"
+    assert summary["vcreg"]["layers"] == (1 if RECOMMENDED["cnn"]["vcreg_layers"] == "last" else 8)
+    # the hierarchical target: pretrained on the 4 superclasses, probed on the 10 classes
+    assert summary["transfer"].startswith("the 10 classes from the 4-superclass model")
     assert summary["train_size"] == 64 and summary["test_size"] == 40 and summary["seeds"] == ["0"]
     assert per_seed["baseline"]["0"]["steps"] == per_seed["vcreg"]["0"]["steps"] == 2
     assert json.loads((tiny_run["out"] / "summary.json").read_text()) == json.loads(json.dumps(summary))
@@ -66,7 +69,9 @@ def test_console_is_one_table_a_reading_and_the_next_step(tiny_run):
     assert "{'loss'" not in text and "'learning_rate'" not in text  # no per-step log dicts on the console
     lines = text.strip().splitlines()
     assert lines[0].startswith("hf_vcreg pretrain: resnet on Fashion-MNIST (64 train / 40 test images, 1 epochs)")
-    assert lines[1].startswith("VCReg: vcreg_alpha=1.0, vcreg_beta=10.0 (per-family default for a cnn model)")
+    cnn = RECOMMENDED["cnn"]
+    assert lines[1].startswith(f"VCReg: vcreg_alpha={cnn['vcreg_alpha']}, vcreg_beta={cnn['vcreg_beta']} (per-family "
+                               f"default for a cnn model), vcreg_layers={cnn['vcreg_layers']!r}")
     table = [line for line in lines if line.startswith("|")]
     assert [row.split("|")[1].strip() for row in table] == ["run", "---", "baseline", "vcreg",
                                                             "Δ vcreg − baseline, seeds 0 (pts)"]
@@ -96,7 +101,7 @@ def test_default_run_leaves_loadable_checkpoints_with_their_preprocessing(tiny_r
         assert processor.size["shortest_edge"] == 16 and list(processor.image_mean) == [0.5] * 3
         pixels = processor([np.zeros((28, 28, 3), np.uint8)], return_tensors="pt")["pixel_values"]
         assert tuple(pixels.shape) == (1, 3, 16, 16)
-        assert model(pixel_values=pixels).logits.shape == (1, 10)
+        assert model(pixel_values=pixels).logits.shape == (1, 4)  # the 4 superclasses
         state = json.loads((folder / "trainer_state.json").read_text())
         steps = [entry for entry in state["log_history"] if "loss" in entry]  # the per-step logs are in the folder
         assert [entry["step"] for entry in steps] == [1, 2]
@@ -128,10 +133,11 @@ def test_unknown_timm_model_exits_2_with_close_names(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--runs", "baseline,fancy"], "--runs 'baseline,fancy': unknown run(s) ['fancy']"),
-    (["--train_dir", "/no/such/folder"], "--train_dir '/no/such/folder' does not exist"),
+    (["--train_dir", "/no/such/folder", "--transfer", "none"], "--train_dir '/no/such/folder' does not exist"),
     (["--drop_path_rate", "0.1"], "--drop_path_rate 0.1: ResNetConfig has no drop_path_rate"),
     (["--vcreg_alpha", "-1"], "vcreg_alpha"),
-    (["--model_name", "timm:resnet10t"], "vcreg_layers='blocks': no blocks were detected in ResNet"),
+    (["--transfer", "imagenet"], "--transfer 'imagenet': use fine_labels, digits or none"),
+    (["--dataset_name", "digits"], "--transfer fine_labels needs --dataset_name fashion_mnist"),
 ])
 def test_other_config_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     pretrain = load_example("pretrain")
@@ -159,9 +165,9 @@ def test_help_and_json_configs_see_the_script_defaults(tmp_path):
     for parsed in (cli, from_json):
         model_args, data_args, config = parsed
         assert config.remove_unused_columns is False and config.num_train_epochs == 3 and config.disable_tqdm
-        assert config.per_device_train_batch_size == 64 and data_args.max_train_samples == 1000
+        assert config.per_device_train_batch_size == 256 and data_args.max_train_samples == 20000
         assert config.vcreg_alpha is None and config.vcreg_beta is None  # the per-family defaults apply
-    assert cli[0].seeds == "0,1,2" and cli[2].learning_rate == 2e-3
+    assert cli[0].seeds == "0,1,2" and cli[2].learning_rate == 4e-3
     assert from_json[0].seeds == "4" and from_json[2].learning_rate == 0.01  # the file wins where it speaks
 
 

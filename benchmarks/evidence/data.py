@@ -26,6 +26,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Sequence as SequenceFeature
 
 from examples.offline_data import (  # the one offline Fashion-MNIST / digits reader, shared with the examples
+    FASHION_MNIST_COARSE,
+    FASHION_MNIST_COARSE_NAMES,
     FASHION_MNIST_FILES,
     FASHION_MNIST_NAMES,
     FASHION_MNIST_ROOT,
@@ -63,15 +65,6 @@ __all__ = [
     "two_moons",
     "two_moons_separable",
 ]
-
-FASHION_MNIST_COARSE_NAMES: list[str] = ["tops", "bottoms_and_dresses", "footwear", "bags"]
-FASHION_MNIST_COARSE: dict[int, int] = {
-    0: 0, 2: 0, 4: 0, 6: 0,  # T-shirt/top, Pullover, Coat, Shirt -> tops
-    1: 1, 3: 1,  # Trouser, Dress -> bottoms_and_dresses
-    5: 2, 7: 2, 9: 2,  # Sandal, Sneaker, Ankle boot -> footwear
-    8: 3,  # Bag -> bags
-}
-"""Fine Fashion-MNIST label -> superclass index into `FASHION_MNIST_COARSE_NAMES`."""
 
 DIGITS_COARSE_NAMES: list[str] = ["closed_loops", "straight_strokes", "open_curves"]
 DIGITS_COARSE: dict[int, int] = {
