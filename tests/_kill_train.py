@@ -72,6 +72,7 @@ def config(output_dir, **overrides) -> VCRegConfig:
         disable_tqdm=True,
         vcreg_alpha=0.5,
         vcreg_beta=0.5,
+        vcreg_layers="blocks",  # every block: these tests pin the mechanics, not the per-family default placement
     )
     kwargs.update(overrides)
     return VCRegConfig(**kwargs)

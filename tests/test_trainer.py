@@ -48,7 +48,7 @@ def config(tmp_path, **kw):
         output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=1,
         learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[],
         logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_drop_last=True,
-        vcreg_alpha=1.0, vcreg_beta=1.0,
+        vcreg_alpha=1.0, vcreg_beta=1.0, vcreg_layers="blocks",  # the mechanics on every block, whatever the default
     )
     defaults.update(kw)
     return VCRegConfig(**defaults)

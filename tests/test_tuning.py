@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from _tiny_models import build
 from hf_vcreg import VCRegConfig, VCRegTrainer
+from hf_vcreg.capture import select_layers
 from hf_vcreg.config import RECOMMENDED
 
 
@@ -38,7 +39,9 @@ def test_model_init_models_are_hooked_and_regularised(tmp_path):
 
     trainer = VCRegTrainer(model_init=model_init, args=config(tmp_path), train_dataset=make_dataset())
     assert len(built) == 1 and trainer.vcreg_family == "cnn"
-    assert trainer.vcreg_layer_names == ["resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0"]  # blocks
+    # the CNN family's recommended placement, resolved for the model model_init built
+    assert trainer.vcreg_layer_names == select_layers(built[-1], RECOMMENDED["cnn"]["vcreg_layers"])
+    assert trainer.vcreg_layer_names == ["resnet.encoder.stages.1.layers.0"]  # "last": the final block
     before = [p.detach().clone() for p in built[0].parameters()]
     trainer.train()  # the Trainer builds a second model; hooks on the first would record nothing and raise
     assert len(built) == 2 and trainer.model is built[1]

@@ -108,6 +108,18 @@ def _headline_seeds_text(plan: Plan) -> str:
     return text
 
 
+def _grids_text(plan: Plan) -> str:
+    """What each family's sweep covered: its alpha x beta grid (plus the old default) and placements."""
+    parts = []
+    for family in plan.families:
+        alphas, betas = plan.profile.grid(family)
+        parts.append(f"{family}: alpha {{{', '.join(f'{a:g}' for a in alphas)}}} x beta "
+                     f"{{{', '.join(f'{b:g}' for b in betas)}}} and the old default "
+                     f"({', '.join(f'{v:g}' for v in plan.profile.reference)}), placements "
+                     f"{', '.join(plan.placements(family))}")
+    return "; ".join(parts) + ". A setting outside these was not tried."
+
+
 def _comparison(plan: Plan, family: str, vcreg: dict, seeds: int) -> list[tuple[tuple, dict]]:
     """``[(metric row of HEADLINE_METRICS, paired stats)]`` of ``vcreg`` against the baseline, test metrics."""
     out = []
@@ -173,6 +185,7 @@ def _protocol(plan: Plan, meta: dict, selection_rule: str) -> list[str]:
         f"- **Runs**: {runs} trained in {len(sessions)} session(s), {wall / 3600:.2f} h wall time in all; "
         f"first started {sessions[0]['started']}, last finished {sessions[-1]['finished']}. Command: "
         f"`{sessions[-1]['command']}`.",
+        *[f"  Session {i} ({s['runs_trained']} runs): {s['note']}" for i, s in enumerate(sessions, 1) if s.get("note")],
         "",
     ]
     return lines
@@ -481,6 +494,7 @@ CAVEATS = """## What this does and does not show
   with their per-seed objectives.
 - **Seeds.** {headline_seeds} for the headline, {sweep_seeds} for the sweep. A 95 % interval from
   so few seeds is wide; an interval that includes 0 is reported as no evidence either way.
+- **Sweep size.** {grids}
 - **Hyper-parameters.** Baseline and VCReg share every training hyper-parameter; none was tuned for either.
 - **Timing.** Wall times were measured on a machine shared with other jobs: they are upper bounds, not
   benchmarks (see `benchmarks/PERFORMANCE.md` for the penalty's cost).
@@ -629,7 +643,8 @@ def build(results: Path, out: Path, plots: bool = True) -> str:
         *_placement_section(plan),
         *_starvation_section(plan, rel, results),
         *_cost_section(plan),
-        CAVEATS.format(headline_seeds=_headline_seeds_text(plan), sweep_seeds=plan.profile.sweep_seeds),
+        CAVEATS.format(headline_seeds=_headline_seeds_text(plan), sweep_seeds=plan.profile.sweep_seeds,
+                       grids=_grids_text(plan)),
     ]
     text = "\n".join(parts)
     out.write_text(text)
