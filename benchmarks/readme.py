@@ -29,7 +29,9 @@ def _pct(x: float) -> str:
 
 def render_expect(root: Path = ROOT) -> str:
     """Per family: the defaults the sweep chose and their paired test deltas (the evidence summary rows)."""
-    from benchmarks.evidence.reporting import SUMMARY_METRICS, _table, baseline_mean, load_plan, summary_rows
+    from benchmarks.evidence.reporting import (
+        SUMMARY_METRICS, _headline_seeds_text, _table, baseline_mean, load_plan, summary_rows,
+    )
 
     results = root / EVIDENCE
     plan = load_plan(results)
@@ -45,11 +47,16 @@ def render_expect(root: Path = ROOT) -> str:
     epochs = sorted({p.epochs[f] for f in plan.families})
     return "\n".join([
         f"Pretraining on Fashion-MNIST ({p.train_size:,} training images, {'/'.join(map(str, epochs))} epochs, "
-        f"{p.headline_seeds} seeds; settings chosen on a held-out validation split, these numbers on the test "
+        f"{_headline_seeds_text(plan)}; settings chosen on a held-out validation split, these numbers on the test "
         "splits). Paired Δ VCReg − baseline in points, 95 % interval in brackets, (seeds with Δ > 0 / seeds):",
         "",
         _table(["family", "default setting", "baseline source acc.", *[t for _, _, t in SUMMARY_METRICS]],
                rows).rstrip("\n"),
+        "",
+        "Cross-domain: a linear probe of handwritten digits on the frozen Fashion-MNIST features; hierarchical: the "
+        "10 classes probed on a model pretrained on 4 superclasses; few-shot: the digits probe from "
+        f"{p.few_shot_shots} images per class; long tail: balanced accuracy after pretraining on classes "
+        f"imbalanced {p.imbalance_ratio:g} to 1.",
     ])
 
 
