@@ -6,7 +6,8 @@ from the file it comes from. ``python -m benchmarks.readme`` rewrites the blocks
 
 - ``expect``: what the defaults do, per family, from the evidence suite (``benchmarks/results/evidence``);
 - ``demo``: the main command's output, from the summary files it wrote (``benchmarks/results/demo``);
-- ``performance``: the cost per training step, from the overhead runs (``benchmarks/results/overhead_cpu*.json``).
+- ``performance``: the cost per training step, from the overhead runs (``benchmarks/results/overhead_cpu*.json``);
+- ``allreduce``: what global statistics add to a distributed step (``benchmarks/results/allreduce_bytes.json``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,23 @@ def render_performance(root: Path = ROOT) -> str:
             f"batch 64, fp32): {'; '.join(parts)}.")
 
 
-BLOCKS = {"expect": render_expect, "demo": render_demo, "performance": render_performance}
+def render_allreduce(root: Path = ROOT) -> str:
+    """Bytes all-reduced per micro-batch by ``vcreg_distributed_stats=True`` (default implementation), from
+    ``benchmarks/results/allreduce_bytes.json``, beside the model's own fp32 gradient all-reduce."""
+    data = json.loads((root / "benchmarks/results/allreduce_bytes.json").read_text())
+    names = {"vit_b16": "ViT-B/16, 12 blocks", "resnet50_stages": "ResNet-50, 4 stages",
+             "resnet50_bottlenecks": "ResNet-50, 16 bottleneck blocks"}
+    parts = [f"{names[r['model']]}: {r['counted_bytes'] / 1e6:.1f} MB ({r['all_reduce_calls']} calls) against "
+             f"{r['gradient_bytes_fp32'] / 1e6:.1f} MB of fp32 gradients"
+             for r in data["runs"] if r["implementation"] == "gradient"]
+    return ("With `vcreg_distributed_stats=True` each regularised layer of width d all-reduces 4(d² + d + 1) bytes "
+            "per micro-batch (count, sum and the centred d x d matrix, fp32; twice that with "
+            "`vcreg_implementation=\"loss\"`), measured on "
+            f"{data['processes']} processes: " + "; ".join(parts) + ".")
+
+
+BLOCKS = {"expect": render_expect, "demo": render_demo, "performance": render_performance,
+          "allreduce": render_allreduce}
 
 
 def _pattern(name: str) -> str:

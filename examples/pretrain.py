@@ -420,7 +420,7 @@ def render(summary: dict) -> str:
         f"{summary['test_size']} test images, {summary['epochs']:g} epochs), transfer: {summary['transfer']}; "
         f"seeds {','.join(summary['seeds'])}; mean ± std over seeds",
         f"VCReg: vcreg_alpha={coeffs['vcreg_alpha']}, vcreg_beta={coeffs['vcreg_beta']} ({coeffs['source']}), "
-        f"vcreg_layers={coeffs['vcreg_layers']!r} ({coeffs['layers']} layers); baseline: same model and seed, statistics via vcreg_monitor_only",
+        f"vcreg_layers={coeffs['vcreg_layers']!r} ({coeffs['layers']} layer{'s' * (coeffs['layers'] != 1)}); baseline: same model and seed, statistics via vcreg_monitor_only",
         "",
         render_table(summary),
         "",
