@@ -64,8 +64,8 @@ def render_expect(root: Path = ROOT) -> str:
 def render_demo(root: Path = ROOT) -> str:
     """The main command's summary table, verbatim from each committed run folder, with how it was run."""
     out = []
-    for folder in sorted((root / DEMO).iterdir()):
-        summary = json.loads((folder / "summary.json").read_text())
+    runs = [(json.loads((folder / "summary.json").read_text()), folder) for folder in (root / DEMO).iterdir()]
+    for summary, folder in sorted(runs, key=lambda r: (-r[0]["run"]["threads"], r[1].name)):  # the default first
         run = summary["run"]
         out += [f"`{run['command']}` with {run['threads']} torch thread(s), {run['wall_s']:.0f} s "
                 f"({run['date'][:10]}, commit {run['commit']}):", "", "```text",
