@@ -478,7 +478,15 @@ def build_all(model_args, data_args, config, train, test, num_labels, id2label):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command (``argv``: its arguments); returns the summary. Restores the caller's torch thread count."""
+    threads = torch.get_num_threads()
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv: list[str]) -> dict:
     start = time.perf_counter()
     try:
         model_args, data_args, config = parse(argv)

@@ -23,9 +23,18 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
     pretrain = load_example("pretrain")
     stdout = io.StringIO()
+    threads = torch.get_num_threads()
     with contextlib.redirect_stdout(stdout):
         summary = pretrain.main(["--output_dir", str(out), *TINY])
-    return {"out": out, "summary": summary, "stdout": stdout.getvalue(), "pretrain": pretrain}
+    return {"out": out, "summary": summary, "stdout": stdout.getvalue(), "pretrain": pretrain,
+            "threads": (threads, torch.get_num_threads())}
+
+
+def test_main_leaves_the_callers_thread_count(tiny_run):
+    """main() sets --torch_threads (1 here) for its runs and restores the caller's count: in-process callers (this
+    test session) keep their floating-point summation order."""
+    before, after = tiny_run["threads"]
+    assert tiny_run["summary"]["torch_threads"] == 1 and after == before
 
 
 def test_summary_holds_both_runs_statistics_and_paired_deltas(tiny_run):

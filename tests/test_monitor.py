@@ -68,7 +68,7 @@ def test_monitor_only_trains_bit_for_bit_like_the_plain_run_and_logs_the_statist
     dataset = make_dataset()
     plain, plain_trainer = run(name, tmp_path / "plain", dataset, vcreg_alpha=0.0, vcreg_beta=0.0)
     monitor, trainer = run(name, tmp_path / "monitor", dataset, vcreg_monitor_only=True, vcreg_log_per_layer=True,
-                           **coefficients)
+                           vcreg_layers="blocks", **coefficients)
     assert plain_trainer.vcreg_layer_names == [] and len(trainer.vcreg_layer_names) == 2
     plain_state, monitor_state = plain.state_dict(), monitor.state_dict()
     assert plain_state.keys() == monitor_state.keys()

@@ -20,7 +20,8 @@ def test_overhead_script_writes_ratios_confidence_intervals_and_the_aa_check(tmp
     assert result["settings"]["rounds"] == 4 and result["machine"]["torch_threads"] == 1
     assert result["machine"]["commit"] is None or len(result["machine"]["commit"]) >= 7
     (m,) = result["models"]
-    assert m["model"] == "timm_resnet18" and m["regularised_layers"] == 8  # the default: its 8 blocks (layer1.0 ...)
+    # the library's default for a CNN: hf_vcreg.config.RECOMMENDED["cnn"]["vcreg_layers"] ("last": layer4.1)
+    assert m["model"] == "timm_resnet18" and m["regularised_layers"] == 1
     assert set(m["step_ms"]) == {"plain", "plain_again", "gradient", "loss"}
     assert all(len(v) == 4 for v in m["step_ms"].values())
     lo, hi = m["aa"]["time_ratio_ci95"]
@@ -33,7 +34,7 @@ def test_overhead_script_writes_ratios_confidence_intervals_and_the_aa_check(tmp
         assert r["memory_ratio"] == pytest.approx(r["peak_bytes"] / m["plain"]["peak_bytes"])
         assert r["peak_bytes"] > 0
     table = stem.with_suffix(".md").read_text()
-    assert "| timm_resnet18 | 8 |" in table and "A/A ratio" in table and "95% CI" in table
+    assert "| timm_resnet18 | 1 |" in table and "A/A ratio" in table and "95% CI" in table
 
 
 def test_code_commit_marks_changed_code_dirty_but_not_new_results_files(tmp_path):

@@ -314,10 +314,17 @@ def run_specs(ready: Callable[[], list[dict]], cache: RunCache, jobs: int = 1, t
         logger.info("run %d done (%s %s seed %s %s): %.0f s", done, s.get("family"), s["task"], s["seed"],
                     s["vcreg"], record["wall_s"])
 
-    if jobs <= 1:
-        set_threads(threads)
-        while todo := pending(set()):
-            finish(execute(todo[0]))
+    if jobs <= 1:  # in this process: its thread budget for the runs, the caller's restored afterwards
+        from threadpoolctl import threadpool_limits
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with threadpool_limits(threads):
+                while todo := pending(set()):
+                    finish(execute(todo[0]))
+        finally:
+            torch.set_num_threads(before)
         return done
     os.environ.update({v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     context = multiprocessing.get_context("spawn")
