@@ -323,7 +323,9 @@ def render(rows: list[Row]) -> str:
         "",
         "`vcreg_layers` takes a keyword or regular expressions:",
         "",
-        "* `\"blocks\"` (the default): every residual / transformer block inside the stages;",
+        "* unset (the default): the placement recommended for the model's family (`hf_vcreg.config.RECOMMENDED`: "
+        "`\"last\"` for CNNs, `\"blocks\"` for transformers, chosen by the evidence suite);",
+        "* `\"blocks\"`: every residual / transformer block inside the stages;",
         "* `\"stages\"`: every stage (feature level, hidden-state layer): the output of each resolution of a CNN;",
         "* `\"last\"`: the last block only;",
         "* patterns: regular expressions matched in full against module names: a list (`--vcreg_layers 'layer1\\.\\d+'"
