@@ -33,13 +33,14 @@ def _accelerate_launch(config: str, output_dir: Path, tmp_path: Path) -> Path:
         accelerate, "launch", "--config_file", str(ROOT / "examples" / "accelerate" / f"{config}.yaml"),
         "--num_processes", str(WORLD), "--mixed_precision", "no", "--main_process_port", str(free_port()),
         *via, str(ROOT / "examples" / "pretrain.py"),
-        "--output_dir", str(output_dir), "--runs", "vcreg", "--max_steps", str(STEPS), "--max_train_samples", "64",
+        "--output_dir", str(output_dir), "--runs", "vcreg", "--seeds", "0", "--model_name", "vit",
+        "--dataset_name", "digits", "--transfer", "none", "--max_steps", str(STEPS), "--max_train_samples", "64",
         "--per_device_train_batch_size", "8", "--logging_steps", "2", "--eval_strategy", "no",
         "--save_strategy", "steps", "--save_steps", str(STEPS), "--vcreg_distributed_stats", "true",
         "--use_cpu", "true",
     ]
     run_launcher(cmd, tmp_path / f"{config}.log", timeout=600)
-    return output_dir / "vcreg"
+    return output_dir / "vcreg-seed0"
 
 
 @pytest.mark.slow  # two launches of the example script: about 1-2 minutes
