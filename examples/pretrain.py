@@ -520,8 +520,8 @@ def _main(argv: list[str]) -> dict:
         return _config_error(err)
 
     transfer = None
+    to_pixels = make_transform(replace(data_args, rrc_scale=1.0, hflip=False, auto_augment="none"), train=False)
     if fine is not None:
-        to_pixels = make_transform(replace(data_args, rrc_scale=1.0, hflip=False, auto_augment="none"), train=False)
         probe_rows = stratified_indices(fine["train"], min(len(fine["train"]), PROBE_TRAIN), seed=0)
         transfer = {"train": {"pixel_values": to_pixels(data["train"].select(probe_rows)[:])["pixel_values"],
                               "labels": torch.as_tensor(fine["train"][probe_rows])},
@@ -529,7 +529,6 @@ def _main(argv: list[str]) -> dict:
                              "labels": torch.as_tensor(fine["test"])}}
     elif data_args.transfer == "digits":
         digits = load_digits_dataset()
-        to_pixels = make_transform(replace(data_args, rrc_scale=1.0, hflip=False, auto_augment="none"), train=False)
         transfer = {split: to_pixels(digits[split][:]) for split in ("train", "test")}
 
     results: dict[str, dict[str, dict]] = {run: {} for run in runs}

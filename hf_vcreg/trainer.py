@@ -41,6 +41,7 @@ and ``gather_function``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 
@@ -84,10 +85,10 @@ class ReentrantCheckpointError(RuntimeError):
     """A regularised block ran without autograd during training (reentrant gradient checkpointing)."""
 
 
-
 def _keep(t):
     """Identity pack/unpack hook: a saved tensor is kept as it is (see ``_vcreg_transform``)."""
     return t
+
 
 class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
     """``Trainer`` with the VCReg penalty on the output of every block.
@@ -202,18 +203,17 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
             return (f"VCReg monitor-only for a {family} model: logging vcreg/variance and vcreg/covariance of "
                     f"{len(self.vcreg_layer_names)} layers without a penalty (vcreg_alpha / vcreg_beta are not applied).")
         keys = ("vcreg_alpha", "vcreg_beta", "vcreg_layers")
-        values = ", ".join(f"{k.removeprefix('vcreg_')}={resolved[k]!r}" for k in keys)
+
+        def show(names, note=lambda k: ""):
+            return ", ".join(f"{k.removeprefix('vcreg_')}={resolved[k]!r}{note(k)}" for k in names)
+
         if not self.vcreg_layer_names:
-            coefficients = ", ".join(f"{k.removeprefix('vcreg_')}={resolved[k]!r}" for k in keys[:2])
-            return f"VCReg off for a {family} model ({coefficients}): plain training, no hooks."
+            return f"VCReg off for a {family} model ({show(keys[:2])}): plain training, no hooks."
         if len(recommended) == len(keys):
-            return (f"VCReg defaults for a {family} model: {values} (recommended; set vcreg_alpha / vcreg_beta / "
+            return (f"VCReg defaults for a {family} model: {show(keys)} (recommended; set vcreg_alpha / vcreg_beta / "
                     "vcreg_layers to override).")
-        values = ", ".join(
-            f"{k.removeprefix('vcreg_')}={resolved[k]!r} "
-            + (f"(recommended for {family}; set {k} to override)" if k in recommended else "(set by the user)")
-            for k in keys
-        )
+        values = show(keys, lambda k: f" (recommended for {family}; set {k} to override)" if k in recommended
+                      else " (set by the user)")
         return f"VCReg for a {family} model: {values}."
 
     # ------------------------------------------------------------------ set-up checks
@@ -254,18 +254,15 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, Trainer):
                                                             self._vcreg_group, "loss")
                 self._vcreg_records.append((layer, penalty, v, k, valid))
             return x
-        if self.args.vcreg_implementation == "loss":
-            if self._vcreg_capture.replaying:  # the first forward's penalty graph is the one the backward uses
-                return x
-            # The explicit penalty is a graph beside the model's: its saved tensors stay out of an enclosing
-            # activation checkpoint. Checkpointed, the penalty's backward (which runs before the gradient reaches
-            # the block's output) would start the recomputation before FSDP has gathered the block's parameters.
-            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-                _, penalty, v, k, valid = apply_penalty(x, layer.axis, rows, self._vcreg_spec, self._vcreg_group,
-                                                        "loss")
-            self._vcreg_records.append((layer, penalty, v, k, valid))
+        explicit = self.args.vcreg_implementation == "loss"
+        if explicit and self._vcreg_capture.replaying:  # the first forward's penalty graph is the one the backward uses
             return x
-        out, penalty, v, k, valid = apply_penalty(x, layer.axis, rows, self._vcreg_spec, self._vcreg_group, "gradient")
+        # The explicit penalty is a graph beside the model's: its saved tensors stay out of an enclosing activation
+        # checkpoint. Checkpointed, the penalty's backward (which runs before the gradient reaches the block's
+        # output) would start the recomputation before FSDP has gathered the block's parameters.
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep) if explicit else contextlib.nullcontext():
+            out, penalty, v, k, valid = apply_penalty(x, layer.axis, rows, self._vcreg_spec, self._vcreg_group,
+                                                      self.args.vcreg_implementation)
         if not self._vcreg_capture.replaying:  # a checkpoint's recomputation: the first forward was recorded
             self._vcreg_records.append((layer, penalty, v, k, valid))
         return out
