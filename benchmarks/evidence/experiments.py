@@ -90,8 +90,8 @@ class Profile:
 
 
 PROFILES = {
-    # About 110 runs, 8,000 CPU-seconds: 1.1 h at --jobs 2 on an otherwise idle 2-core machine (measured per run:
-    # CNN 60-70 CPU-s, ViT 85-95 CPU-s on the 50k pool for 3 epochs). Sized to the time available: alpha = 10 and
+    # 136 runs, 6,100 CPU-seconds of process time in the committed run (benchmarks/results/evidence): under an hour
+    # at --jobs 2 on an otherwise idle 2-core machine, more on a shared one. Sized to the time available: alpha = 10 and
     # the old default's own headline are left out; the ViT, the costlier family, gets two settings around the CNN's
     # best cells plus its old default, no placement stage and 3 headline seeds.
     "full": Profile("full", families=("vit", "cnn"), train_size=50_000,
