@@ -3,8 +3,10 @@
 The package follows the data flow: :mod:`~hf_vcreg.capture` (blocks and sample matrices) ->
 :mod:`~hf_vcreg.penalty` (statistics, penalty, autograd function) -> :mod:`~hf_vcreg.trainer`
 (``VCRegTrainer``, with :mod:`~hf_vcreg.config`'s ``VCRegConfig``) -> :mod:`~hf_vcreg.publishing`
-(checkpoint format, model card, Hub push errors). :mod:`~hf_vcreg.checkpointing` is general ``Trainer``
-infrastructure (atomic checkpoints, strict resume); :mod:`~hf_vcreg.metrics` holds representation metrics.
+(checkpoint format, model card, Hub push errors). General ``Trainer`` infrastructure sits beside the trainer:
+:mod:`~hf_vcreg.checkpointing` (atomic checkpoints, strict resume), :mod:`~hf_vcreg.task_loss` (bare timm models,
+soft targets), :mod:`~hf_vcreg.distributed` (equal batch counts, true logged means). :mod:`~hf_vcreg.metrics`
+holds representation metrics.
 
 The names below are the public API; internals (``BlockCapture``, ``find_blocks``, ``VCRegFunction``, ...) are
 imported from their modules.

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from transformers import TrainingArguments
 
+from .penalty import VCRegSpec
+
 __all__ = ["RECOMMENDED", "VCRegConfig"]
 
 RECOMMENDED: dict[str, dict[str, Any]] = {
@@ -232,3 +234,49 @@ class VCRegConfig(TrainingArguments):
                 raise ValueError(f"family={family!r} is unknown: use one of {sorted(RECOMMENDED)}.")
             values.update({k: RECOMMENDED[family][k] for k in self.vcreg_recommended_fields()})
         return values
+
+    def _validate_checkpointing(self) -> None:
+        """Refuse reentrant activation checkpointing: it runs blocks without autograd, dropping the VCReg gradient."""
+        # transformers 5.x: activation_checkpointing(_kwargs); gradient_checkpointing(_kwargs) is the old alias.
+        enabled = getattr(self, "activation_checkpointing", False) or getattr(self, "gradient_checkpointing", False)
+        kwargs = getattr(self, "activation_checkpointing_kwargs", None) or self.gradient_checkpointing_kwargs or {}
+        if enabled and kwargs.get("use_reentrant", False):
+            raise ValueError(
+                "gradient_checkpointing_kwargs={'use_reentrant': True} runs blocks without autograd, which would "
+                "silently drop the VCReg gradient. Use gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
+
+    def vcreg_summary(self, family: str, n_layers: int) -> str:
+        """One line for the log: the values a trainer uses for a ``family`` model with ``n_layers`` hooked layers
+        (0: VCReg off), and which of them are the family's recommendation."""
+        resolved, recommended = self.vcreg_dict(family), self.vcreg_recommended_fields()
+        if self.vcreg_monitor_only:
+            return (f"VCReg monitor-only for a {family} model: logging vcreg/variance and vcreg/covariance of "
+                    f"{n_layers} layers without a penalty (vcreg_alpha / vcreg_beta are not applied).")
+        keys = ("vcreg_alpha", "vcreg_beta", "vcreg_layers")
+
+        def show(names, note=lambda k: ""):
+            return ", ".join(f"{k.removeprefix('vcreg_')}={resolved[k]!r}{note(k)}" for k in names)
+
+        if not n_layers:
+            return f"VCReg off for a {family} model ({show(keys[:2])}): plain training, no hooks."
+        if len(recommended) == len(keys):
+            return (f"VCReg defaults for a {family} model: {show(keys)} (recommended; set vcreg_alpha / vcreg_beta / "
+                    "vcreg_layers to override).")
+        values = show(keys, lambda k: f" (recommended for {family}; set {k} to override)" if k in recommended
+                      else " (set by the user)")
+        return f"VCReg for a {family} model: {values}."
+
+    def vcreg_spec(self, alpha: float, beta: float, n_layers: int, world: int) -> VCRegSpec:
+        """The penalty's coefficients per layer for the resolved ``alpha`` / ``beta`` and ``n_layers`` hooked layers;
+        ``world``: the processes the statistics are global over (the gradient path undoes DDP's averaging)."""
+        monitor = self.vcreg_monitor_only  # statistics only: the spec applies no penalty
+        return VCRegSpec(
+            alpha=0.0 if monitor else alpha,
+            beta=0.0 if monitor else beta,
+            gamma=self.vcreg_gamma,
+            eps=self.vcreg_eps,
+            delta=self.vcreg_delta,
+            weight=1.0 / n_layers if self.vcreg_layer_reduction == "mean" else 1.0,
+            grad_multiplier=float(world) if self.vcreg_implementation == "gradient" else 1.0,
+        )

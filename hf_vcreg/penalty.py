@@ -647,9 +647,20 @@ def _explicit_penalty(x, axis, rows, spec, group):
     return x, penalty, v.detach(), k.detach(), valid
 
 
+def _keep(t):
+    """Identity pack / unpack hook: a saved tensor is kept as it is."""
+    return t
+
+
 def apply_penalty(x, axis, rows, spec, group=None, implementation: str = "gradient"):
-    """Dispatch to :class:`VCRegFunction` (``"gradient"``) or :func:`explicit_penalty` (``"loss"``)."""
+    """Dispatch to :class:`VCRegFunction` (``"gradient"``) or :func:`explicit_penalty` (``"loss"``).
+
+    The explicit penalty is a graph beside the model's, so its saved tensors stay out of an enclosing activation
+    checkpoint (identity saved-tensor hooks): checkpointed, its backward, which runs before the gradient reaches
+    the block's output, would start the recomputation before FSDP has gathered the block's parameters.
+    """
     if implementation == "gradient":
         return VCRegFunction.apply(x, axis, rows, spec, group)
-    return explicit_penalty(x, axis, rows, spec, group)
+    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        return explicit_penalty(x, axis, rows, spec, group)
 

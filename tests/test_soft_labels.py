@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from _tiny_models import hf_vit
 
 from hf_vcreg import VCRegConfig, VCRegTrainer
-from hf_vcreg.trainer import soft_target_cross_entropy
+from hf_vcreg.task_loss import soft_target_cross_entropy
 
 
 def _args(tmp_path, **kw):

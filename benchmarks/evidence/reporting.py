@@ -92,10 +92,16 @@ def _values(plan: Plan, family: str, task: str, vcreg: dict, seeds: list[int], m
     return out
 
 
+def baseline_values(plan: Plan, family: str, task: str, metric: str) -> list[float]:
+    """The baseline's values of ``metric`` over the headline seeds that ran."""
+    seeds = plan.seeds(plan.profile.headline_seeds_of(family))
+    return list(_values(plan, family, task, BASE, seeds, metric).values())
+
+
 def baseline_mean(plan: Plan, family: str, task: str, metric: str) -> float | None:
     """The baseline's mean of ``metric`` over the headline seeds (None without runs)."""
-    values = _values(plan, family, task, BASE, plan.seeds(plan.profile.headline_seeds_of(family)), metric)
-    return float(np.mean(list(values.values()))) if values else None
+    values = baseline_values(plan, family, task, metric)
+    return float(np.mean(values)) if values else None
 
 
 def _headline_seeds_text(plan: Plan) -> str:
@@ -210,13 +216,12 @@ def _params(family: str) -> str:
 
 
 def _baselines(plan: Plan) -> list[str]:
-    p = plan.profile
     rows = []
     for family in plan.families:
         cells = [family]
         for task, metric in (("fine", "val_source_accuracy"), ("fine", "test_source_accuracy"),
                              ("coarse", "test_source_accuracy"), ("long_tail", "test_balanced_accuracy")):
-            vals = list(_values(plan, family, task, BASE, plan.seeds(p.headline_seeds_of(family)), metric).values())
+            vals = baseline_values(plan, family, task, metric)
             cells.append(f"{_num(np.mean(vals), True)} ± {_num(np.std(vals, ddof=1) if len(vals) > 1 else 0.0, True)}"
                          f" ({len(vals)})" if vals else "—")
         rows.append(cells)
