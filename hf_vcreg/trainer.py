@@ -118,8 +118,7 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, EqualBatchCountsMi
         """
         args = self.args
         args._validate_vcreg()  # a trial sets its values on args after the trainer was built
-        if self._vcreg_capture is not None:  # the hooks of the previous model
-            self._vcreg_capture.remove()
+        self._remove_hooks()  # those of the previous model, if any
         base = unwrap_model(self.model)
         if hasattr(base, "add_model_tags"):
             base.add_model_tags(self._tag_names)
@@ -260,10 +259,13 @@ class VCRegTrainer(AtomicCheckpointMixin, HubPublishingMixin, EqualBatchCountsMi
         return output
 
     # ------------------------------------------------------------------ lifecycle
-    def _finish(self) -> None:
-        """After training / a standalone evaluation: no hooks on the model, no CPU scratch buffers held."""
+    def _remove_hooks(self) -> None:
         if self._vcreg_capture is not None:
             self._vcreg_capture.remove()
+
+    def _finish(self) -> None:
+        """After training / a standalone evaluation: no hooks on the model, no CPU scratch buffers held."""
+        self._remove_hooks()
         release_scratch()
 
     def _hp_search_setup(self, trial) -> None:
